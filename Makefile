@@ -1,0 +1,36 @@
+# One command sets up and runs the tests; one sets up and runs the demo build.
+# Both build a virtual environment from nothing (and PostgreSQL server binaries
+# when the machine lacks them, since the contract tests need a real server).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test check demo venv postgres bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/herder
+
+test: $(STAMP) postgres check
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/herder run --chdir examples/sum-of-squares/build examples/sum-of-squares/Rakefile
+
+bench: $(STAMP)
+	$(PY) bench/dispatch.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

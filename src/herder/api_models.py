@@ -1,0 +1,364 @@
+"""The wire contract of the master HTTP API (DESIGN §4).
+
+Shared by the master (validation, OpenAPI), the client library, the CLI and
+the agent. Input models forbid unknown fields so a typo is an error, never a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from herder.paths import UnsafePath, normalize_relpath
+
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
+TaskStateName = Literal["blocked", "queued", "offered", "running", "succeeded", "failed", "cancelled"]
+JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _check_relpath(value: str) -> str:
+    try:
+        return normalize_relpath(value)
+    except UnsafePath as exc:
+        raise ValueError(str(exc)) from None
+
+
+# --------------------------------------------------------------------- submit
+
+
+class RequiredFile(_In):
+    path: str = Field(description="relative to the job root; staged at the same path in the sandbox")
+    digest: Digest
+    mode: int | None = Field(default=None, ge=0, le=0o7777, description="file mode bits")
+
+    _norm = field_validator("path")(_check_relpath)
+
+
+class TaskSpec(_In):
+    name: str | None = Field(default=None, max_length=200)
+    command: str | list[str] = Field(description="a shell string, or an argv list")
+    placement: Literal["remote", "local"] = "remote"
+    requires: list[RequiredFile] = Field(default_factory=list)
+    outputs: list[str] | None = Field(
+        default=None, description="paths to bring back; null means every created or changed file"
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    tags: list[str] = Field(default_factory=list)
+    cpus: int = Field(default=1, ge=0, le=4096)
+    ram_mb: int = Field(default=0, ge=0)
+
+    @field_validator("command")
+    @classmethod
+    def _command_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("command is empty")
+        if isinstance(v, list) and (not v or not v[0]):
+            raise ValueError("argv command is empty")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_safe(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [_check_relpath(p) for p in v]
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not key or "=" in key or "\x00" in key:
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return v
+
+
+class StageSpec(_In):
+    name: str = Field(min_length=1, max_length=200)
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=100_000)
+
+
+class JobSubmit(_In):
+    name: str = Field(min_length=1, max_length=200)
+    owner: str | None = Field(default=None, max_length=200)
+    pool: str = Field(default="default", min_length=1, max_length=200)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    stages: list[StageSpec] = Field(min_length=1, max_length=10_000)
+
+
+# ------------------------------------------------------------------- results
+
+
+class OutputFile(_In):
+    path: str
+    digest: Digest
+    size: int = Field(ge=0)
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+
+    _norm = field_validator("path")(_check_relpath)
+
+
+class AttemptView(_Out):
+    id: int
+    href: str
+    number: int
+    agent_id: str | None
+    state: str  # offered, running, succeeded, failed, lost, released, cancelled
+    exit_code: int | None = None
+    error: str | None = None
+    offered_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outputs: list[OutputFile] = Field(default_factory=list)
+    log_href: str
+
+
+class TaskView(_Out):
+    id: int
+    href: str
+    job_id: int
+    stage: int
+    name: str | None
+    state: TaskStateName
+    command: str | list[str]
+    placement: Literal["remote", "local"]
+    requires: list[RequiredFile] = Field(default_factory=list)
+    outputs: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    max_attempts: int
+    tags: list[str] = Field(default_factory=list)
+    cpus: int
+    ram_mb: int
+    failures: int = 0
+    infra_failures: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+    attempts: list[AttemptView] = Field(default_factory=list)
+
+
+class StageView(_Out):
+    index: int
+    name: str
+    state: str  # blocked, queued, running, succeeded, failed, cancelled
+    counts: dict[str, int]
+    tasks: list[TaskView] = Field(default_factory=list)
+
+
+class JobView(_Out):
+    id: int
+    href: str
+    name: str
+    owner: str | None
+    pool: str
+    priority: int
+    state: JobStateName
+    idempotency_key: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    stages: list[StageView] = Field(default_factory=list)
+
+
+class JobSummary(_Out):
+    id: int
+    href: str
+    name: str
+    owner: str | None
+    pool: str
+    priority: int
+    state: JobStateName
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class JobList(_Out):
+    jobs: list[JobSummary]
+
+
+# --------------------------------------------------------------------- agents
+
+
+class ResourceUsage(_In):
+    ram_used_mb: float | None = Field(default=None, ge=0)
+    ram_total_mb: float | None = Field(default=None, ge=0)
+    cpu_percent: float | None = Field(default=None, ge=0)
+    load_1m: float | None = Field(default=None, ge=0)
+    disk_free_mb: float | None = Field(default=None, ge=0)
+    io_read_bytes: int | None = Field(default=None, ge=0)
+    io_write_bytes: int | None = Field(default=None, ge=0)
+
+
+class AgentRegister(_In):
+    agent_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$", description="kept in the agent's state dir"
+    )
+    name: str = Field(min_length=1, max_length=200)
+    hostname: str = Field(min_length=1, max_length=255)
+    slots: int = Field(ge=1, le=4096)
+    tags: list[str] = Field(default_factory=list)
+    cpus: int = Field(default=1, ge=1, le=4096)
+    ram_mb: int = Field(default=0, ge=0)
+    talkback_url: str | None = None
+    version: str | None = None
+
+
+class AgentView(_Out):
+    id: str
+    href: str
+    name: str
+    hostname: str
+    slots: int
+    tags: list[str]
+    cpus: int
+    ram_mb: int
+    state: str  # online, draining, offline
+    registered_at: datetime
+    last_seen_at: datetime | None
+    running: int = 0
+    usage: ResourceUsage | None = None
+    talkback_url: str | None = None
+
+
+class AgentList(_Out):
+    agents: list[AgentView]
+
+
+class LogChunk(_In):
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+Outcome = Literal["exited", "timeout", "launch_failed", "released", "cancelled"]
+
+
+class Completion(_In):
+    attempt_id: int
+    token: str = Field(min_length=1, max_length=100)
+    outcome: Outcome
+    exit_code: int | None = None
+    error: str | None = Field(default=None, max_length=10_000)
+    outputs: list[OutputFile] = Field(default_factory=list)
+    log: list[LogChunk] = Field(default_factory=list, description="output not yet streamed")
+
+
+class ClaimRequest(_In):
+    max_tasks: int = Field(ge=0, le=1000)
+    wait_s: float = Field(default=0.0, ge=0.0, le=120.0, description="long-poll for up to this long")
+    completions: list[Completion] = Field(default_factory=list)
+    acks: list[int] = Field(default_factory=list, description="attempt ids now running")
+
+
+class Offer(_Out):
+    attempt_id: int
+    token: str
+    task_id: int
+    job_id: int
+    href: str
+    command: str | list[str]
+    env: dict[str, str]
+    requires: list[RequiredFile]
+    outputs: list[str] | None
+    timeout_s: float | None
+    lease_expires_at: datetime
+    ack_deadline: datetime
+
+
+class CompletionResult(_Out):
+    attempt_id: int
+    result: Literal["accepted", "stale"]
+    task_state: TaskStateName | None = None
+
+
+class ClaimResponse(_Out):
+    offers: list[Offer]
+    completions: list[CompletionResult] = Field(default_factory=list)
+    lease_s: float
+
+
+class AckRequest(_In):
+    token: str
+
+
+class LogAppend(_In):
+    token: str
+    chunks: list[LogChunk] = Field(min_length=1)
+
+
+class RunningAttempt(_In):
+    attempt_id: int
+    token: str
+
+
+class Heartbeat(_In):
+    running: list[RunningAttempt] = Field(default_factory=list)
+    usage: ResourceUsage | None = None
+    draining: bool = False
+
+
+class HeartbeatResponse(_Out):
+    cancel: list[int] = Field(default_factory=list, description="attempt ids to kill")
+    lease_expires_at: datetime | None = None
+    lease_s: float
+
+
+class LogView(_Out):
+    attempt_id: int
+    stream: Literal["stdout", "stderr"]
+    offset: int
+    next_offset: int
+    data: str
+    complete: bool
+
+
+# ----------------------------------------------------------------------- blobs
+
+
+class BlobQuery(_In):
+    digests: list[Digest] = Field(max_length=100_000)
+
+
+class BlobMissing(_Out):
+    missing: list[str]
+
+
+class BlobStored(_Out):
+    digest: str
+    size: int
+    href: str
+    created: bool
+
+
+class ErrorBody(_Out):
+    error: str
+    message: str
+    detail: object | None = None
+
+
+class EventView(_Out):
+    id: int
+    at: datetime
+    job_id: int | None
+    task_id: int | None
+    attempt_id: int | None
+    agent_id: str | None
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
