@@ -27,7 +27,9 @@ test: $(STAMP) postgres check
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/herder run --chdir examples/sum-of-squares/build examples/sum-of-squares/Rakefile
+	rm -rf build/demo
+	$(PY) examples/sum-of-squares/generate.py 10 build/demo
+	$(VENV)/bin/herder run --chdir build/demo build/demo/Rakefile
 
 bench: $(STAMP)
 	$(PY) bench/dispatch.py

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Dispatch overhead: N tasks of `true` through a real master and 2 agent
+slots, against `xargs -P2 true` on the same count, in the same run.
+
+Prints both rates and their ratio. The herder time runs from the submit
+request to the job's finish as the database recorded it (polling only detects
+the end; it does not stretch the figure).
+
+    python bench/dispatch.py [--tasks 2000] [--db sqlite|postgresql+psycopg://…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from herder.api_models import JobSubmit
+from herder.client import HerderClient
+from herder.localfarm import LocalFarm
+
+
+def bench_xargs(n: int, parallel: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        ["xargs", f"-P{parallel}", "-n1", "true"],
+        input="\n".join(str(i) for i in range(n)).encode(),
+        check=True,
+    )
+    return time.perf_counter() - start
+
+
+def bench_herder(n: int, slots: int, agents: int, db: str | None, workdir: Path) -> tuple[float, float]:
+    with LocalFarm(db_url=db, workdir=workdir) as farm:
+        farm.start_master()
+        per_agent = max(1, slots // agents)
+        for i in range(agents):
+            farm.start_agent(slots=per_agent, name=f"bench{i}")
+        farm.wait_agents(agents)
+        spec = JobSubmit.model_validate(
+            {"name": "dispatch", "stages": [{"name": "s", "tasks": [{"command": "true"}] * n}]}
+        )
+        with HerderClient(farm.url) as client:
+            t0 = time.perf_counter()
+            job = client.submit_job(spec)
+            while True:
+                summary = next(j for j in client.list_jobs(limit=5) if j.id == job.id)
+                if summary.state in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            wall = time.perf_counter() - t0
+            if summary.state != "succeeded":
+                sys.exit(f"benchmark job ended {summary.state}: {summary.counts}")
+            assert summary.finished_at is not None
+            db_elapsed = (summary.finished_at - summary.created_at).total_seconds()
+        return db_elapsed, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=2000)
+    ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--agents", type=int, default=1)
+    ap.add_argument("--db", default=None, help="database URL (default: SQLite in a temp dir)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="herder-bench-") as tmp:
+        herder_s, wall_s = bench_herder(args.tasks, args.slots, args.agents, args.db, Path(tmp))
+    xargs_s = bench_xargs(args.tasks, args.slots)
+    herder_rate = args.tasks / herder_s
+    xargs_rate = args.tasks / xargs_s
+    print(f"tasks: {args.tasks} of `true`, {args.slots} slots ({args.agents} agent(s)), db: {args.db or 'sqlite'}")
+    print(f"xargs -P{args.slots}:   {xargs_s:7.3f} s  {xargs_rate:8.1f} tasks/s")
+    print(f"herder:      {herder_s:7.3f} s  {herder_rate:8.1f} tasks/s  (wall incl. submit+poll {wall_s:.3f} s)")
+    print(f"ratio herder/xargs: {herder_rate / xargs_rate:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

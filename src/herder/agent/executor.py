@@ -1,0 +1,612 @@
+"""Run one attempt of a task in a fresh sandbox (no network here).
+
+Layout of one sandbox::
+
+    <work_root>/a<attempt_id>/
+        work/      the command's cwd and job root; requires are staged here
+        stdout     the command's standard output
+        stderr     the command's standard error
+
+Inputs come from a local content-addressed cache
+(``<blob_dir>/<digest[:2]>/<digest>``) and are hard-linked into ``work/``
+when possible (copied otherwise). A ``fetch_blob(digest, dest)`` callback
+fills the cache on a miss; the daemon passes the client's ``download_blob``.
+
+The command runs in its own session, so timeouts and cancellation kill the
+whole process group, background children included.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from herder.agent import procs
+from herder.agent.outputs import Snapshot, collect, sha256_file, snapshot
+from herder.api_models import LogChunk, Outcome, OutputFile, RequiredFile
+from herder.paths import UnsafePath, resolve_inside
+
+if TYPE_CHECKING:
+    from herder.api_models import Offer
+
+log = logging.getLogger("herder.agent")
+
+FetchBlob = Callable[[str, Path], None]
+Stream = Literal["stdout", "stderr"]
+STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
+SANDBOX_PREFIX = "a"
+
+# Characters that make a command string need a shell (GNU make's list:
+# quoting, globbing, redirection, expansion, control operators, newlines).
+_SHELL_CHARS = frozenset("#;\"'*?[]&|<>(){}$`^~!\\\n\r")
+# Words that are shell syntax or builtins with no program of that name.
+_SHELL_WORDS_TEXT = """! . : [[ ]] { } alias bg break case cd command continue declare do done
+elif else esac eval exec exit export fc fg fi for function getopts hash if in jobs let local
+logout popd pushd read readonly return select set shift shopt source suspend then time times
+trap type typeset ulimit umask unalias unset until wait while"""
+_SHELL_WORDS = frozenset(_SHELL_WORDS_TEXT.split())
+
+
+class StagingError(Exception):
+    """The sandbox could not be prepared (infrastructure: disk, blob download, unsafe path)."""
+
+
+def direct_argv(command: str) -> list[str] | None:
+    """The argv to exec directly when ``command`` needs no shell, else None.
+
+    Like make: a string with no shell metacharacters whose first word is not
+    shell syntax is split on blanks and exec'd without ``/bin/sh -c``.
+    """
+    if any(c in _SHELL_CHARS for c in command):
+        return None
+    argv = command.split()
+    if not argv or argv[0] in _SHELL_WORDS or "=" in argv[0]:
+        return None  # empty, shell syntax or builtin, or a variable assignment
+    return argv
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+# ----------------------------------------------------------------- blob cache
+
+
+class BlobCache:
+    """A directory of blobs named by sha256, filled on demand by ``fetch``."""
+
+    def __init__(self, root: Path, fetch: FetchBlob | None = None) -> None:
+        self.root = Path(root)
+        self.fetch = fetch
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def ensure(self, digest: str) -> Path:
+        """The cached file for ``digest``, downloading and verifying it if absent."""
+        dest = self.path(digest)
+        if dest.exists():
+            return dest
+        if self.fetch is None:
+            raise StagingError(f"blob {digest} is not cached and no fetcher is configured")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{digest}.{uuid.uuid4().hex}.part"
+        try:
+            self.fetch(digest, tmp)
+            got = sha256_file(tmp)
+            if got != digest:
+                raise StagingError(f"blob {digest} downloaded with wrong digest {got}")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except StagingError:
+            raise
+        except Exception as exc:
+            raise StagingError(f"cannot fetch blob {digest}: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return dest
+
+    def add_bytes(self, data: bytes) -> str:
+        """Store ``data``; return its digest (used by tests and direct mode)."""
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        dest = self.path(digest)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{digest}.{uuid.uuid4().hex}.part"
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        return digest
+
+
+# ------------------------------------------------------------------ log tails
+
+
+class LogTail:
+    """Reads what a log file gained since the last read, as text.
+
+    One incremental UTF-8 decoder per stream keeps a multi-byte character that
+    straddles two reads whole; invalid bytes become U+FFFD.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self, limit: int, final: bool = False) -> tuple[str, bool]:
+        """(new text, more bytes remain). ``final`` flushes the decoder at EOF."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(limit + 1)
+        except FileNotFoundError:
+            data = b""
+        more = len(data) > limit
+        data = data[:limit]
+        self.offset += len(data)
+        text = self._decoder.decode(data, final=final and not more)
+        return text, more
+
+
+# ------------------------------------------------------------------ execution
+
+
+@dataclass
+class ExecSpec:
+    """What to run: the executor's view of an offer."""
+
+    attempt_id: int
+    command: str | list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    requires: list[RequiredFile] = field(default_factory=list)
+    outputs: list[str] | None = None
+    timeout_s: float | None = None
+    task_id: int | None = None
+    job_id: int | None = None
+
+    @classmethod
+    def from_offer(cls, offer: Offer) -> ExecSpec:
+        return cls(
+            attempt_id=offer.attempt_id,
+            command=offer.command,
+            env=dict(offer.env),
+            requires=list(offer.requires),
+            outputs=offer.outputs,
+            timeout_s=offer.timeout_s,
+            task_id=offer.task_id,
+            job_id=offer.job_id,
+        )
+
+
+@dataclass
+class ExecResult:
+    outcome: Outcome
+    exit_code: int | None = None
+    error: str | None = None
+    outputs: list[tuple[OutputFile, Path]] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def output_files(self) -> list[OutputFile]:
+        return [of for of, _ in self.outputs]
+
+
+class Execution:
+    """One attempt in one sandbox. ``run()`` = ``prepare()`` + ``start()`` + ``wait()``.
+
+    ``cancel()`` and ``read_logs()`` may be called from other threads.
+    """
+
+    def __init__(self, executor: Executor, spec: ExecSpec) -> None:
+        self.executor = executor
+        self.spec = spec
+        self.sandbox = executor.work_root / f"{SANDBOX_PREFIX}{spec.attempt_id}"
+        self.work_dir = self.sandbox / "work"
+        self.log_paths: dict[Stream, Path] = {s: self.sandbox / s for s in STREAMS}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pgid: int | None = None
+        self.result: ExecResult | None = None
+        self._tails = {s: LogTail(p) for s, p in self.log_paths.items()}
+        self.log_lock = threading.Lock()  # one reader of the log tails at a time
+        self._lock = threading.RLock()
+        self._cancel: tuple[Outcome, str] | None = None
+        self._kill_timer: threading.Timer | None = None
+        self._snapshot: Snapshot = {}
+        self._linked: dict[str, Path] = {}  # staged by hard link: relpath -> cache path
+        self._t0 = 0.0
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def attempt_id(self) -> int:
+        return self.spec.attempt_id
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.result is None
+
+    def run(self) -> ExecResult:
+        self._t0 = time.monotonic()
+        try:
+            self.prepare()
+        except StagingError as exc:
+            return self._finish(ExecResult("launch_failed", error=str(exc)))
+        early = self.start()
+        if early is not None:
+            return early
+        return self.wait()
+
+    def prepare(self) -> None:
+        """Create the sandbox, stage the inputs, snapshot ``work/``."""
+        if not self._t0:
+            self._t0 = time.monotonic()
+        try:
+            if self.sandbox.exists():
+                _rmtree(self.sandbox)
+            self.work_dir.mkdir(parents=True)
+            for s in STREAMS:
+                self.log_paths[s].touch()
+            for req in self.spec.requires:
+                self._stage(req)
+            self._snapshot = snapshot(self.work_dir) if self.spec.requires else {}
+        except StagingError:
+            raise
+        except UnsafePath as exc:
+            raise StagingError(f"unsafe required path: {exc}") from exc
+        except OSError as exc:
+            raise StagingError(f"cannot prepare sandbox {self.sandbox}: {exc}") from exc
+
+    def start(self) -> ExecResult | None:
+        """Spawn the command. Returns a result right away when it cannot run."""
+        with self._lock:
+            if self._cancel is not None:
+                outcome, reason = self._cancel
+                return self._finish(ExecResult(outcome, error=reason))
+            self.executor._spawning(+1)
+            try:
+                self.proc = self._spawn()
+                self.pgid = self.proc.pid
+                self.executor._register(self)
+            except _CommandNotRunnable as exc:
+                self._append_stderr(f"herder: {exc.msg}\n")
+                return self._finish(ExecResult("exited", exit_code=exc.code))
+            except OSError as exc:
+                return self._finish(
+                    ExecResult("launch_failed", error=f"cannot start command: {exc}")
+                )
+            finally:
+                self.executor._spawning(-1)
+        return None
+
+    def wait(self) -> ExecResult:
+        """Wait for the command (enforcing the timeout), reap its group, collect outputs."""
+        proc = self.proc
+        assert proc is not None, "start() first"
+        assert self.pgid is not None
+        timed_out = False
+        timeout = self.spec.timeout_s
+        try:
+            if timeout is None:
+                proc.wait()
+            else:
+                remaining = timeout - (time.monotonic() - self._t0)
+                try:
+                    proc.wait(timeout=max(remaining, 0))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    self._terminate_group()
+                    try:
+                        proc.wait(timeout=self.executor.kill_grace_s)
+                    except subprocess.TimeoutExpired:
+                        procs.signal_group(self.pgid, signal.SIGKILL)
+                        proc.wait()
+        finally:
+            with self._lock:
+                if self._kill_timer is not None:
+                    self._kill_timer.cancel()
+            procs.kill_group_and_wait(self.pgid)
+            self.executor._unregister(self)
+
+        rc = proc.returncode
+        with self._lock:
+            cancel = self._cancel
+        if timed_out:
+            res = ExecResult(
+                "timeout", exit_code=_shell_code(rc), error=f"timed out after {timeout:g}s"
+            )
+        elif cancel is not None:
+            res = ExecResult(cancel[0], exit_code=_shell_code(rc), error=cancel[1])
+        else:
+            error = None if rc >= 0 else f"killed by {_signame(-rc)}"
+            res = ExecResult("exited", exit_code=_shell_code(rc), error=error)
+        if res.outcome in ("exited", "timeout"):
+            self._collect(res)
+        return self._finish(res)
+
+    def cancel(self, outcome: Outcome = "cancelled", reason: str = "cancelled") -> None:
+        """Kill the process group (SIGTERM, then SIGKILL after the grace period)."""
+        with self._lock:
+            if self.result is not None or self._cancel is not None:
+                return
+            self._cancel = (outcome, reason)
+            if self.pgid is None:
+                return  # not started: start() will not spawn
+            self._terminate_group()
+            pgid = self.pgid
+            timer = threading.Timer(
+                self.executor.kill_grace_s, procs.signal_group, (pgid, signal.SIGKILL)
+            )
+            timer.daemon = True
+            self._kill_timer = timer
+            timer.start()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel is not None
+
+    def read_logs(self, limit: int = 1 << 20, final: bool = False) -> tuple[list[LogChunk], bool]:
+        """New log text since the last call, per stream (at most ``limit`` bytes each).
+
+        Returns (chunks, more): ``more`` says a stream has more bytes waiting.
+        Callers that ship the text hold ``log_lock`` across read and send.
+        """
+        chunks: list[LogChunk] = []
+        more = False
+        for s in STREAMS:
+            text, m = self._tails[s].read(limit, final=final)
+            more = more or m
+            if text:
+                chunks.append(LogChunk(stream=s, data=text))
+        return chunks, more
+
+    def cleanup(self) -> None:
+        """Remove the sandbox (after the completion was delivered)."""
+        _rmtree(self.sandbox)
+
+    # -- internals ----------------------------------------------------------
+
+    def _stage(self, req: RequiredFile) -> None:
+        dest = resolve_inside(self.work_dir, req.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir may have followed nothing unsafe, but re-check after creation.
+        dest = resolve_inside(self.work_dir, req.path)
+        src = self.executor.blobs.ensure(req.digest)
+        if os.path.lexists(dest):
+            dest.unlink()
+        mode = req.mode
+        linked = False
+        if mode is None or stat.S_IMODE(mode) == stat.S_IMODE(os.stat(src).st_mode):
+            try:
+                os.link(src, dest)
+                linked = True
+            except OSError:
+                pass
+        if not linked:
+            shutil.copyfile(src, dest)
+            os.chmod(dest, 0o644 if mode is None else mode)
+        else:
+            self._linked[req.path] = src
+
+    def _env(self) -> dict[str, str]:
+        env = dict(self.executor.base_env)
+        env.update(self.spec.env)
+        env["HERDER_ATTEMPT_ID"] = str(self.spec.attempt_id)
+        if self.spec.task_id is not None:
+            env["HERDER_TASK_ID"] = str(self.spec.task_id)
+        if self.spec.job_id is not None:
+            env["HERDER_JOB_ID"] = str(self.spec.job_id)
+        env["HERDER_JOB_ROOT"] = str(self.work_dir)
+        env["PWD"] = str(self.work_dir)
+        return env
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = self.spec.command
+        direct: list[str] | None
+        if isinstance(cmd, list):
+            direct, shell_fallback = list(cmd), None
+        else:
+            direct, shell_fallback = direct_argv(cmd), cmd
+        env = self._env()
+        with (
+            open(self.log_paths["stdout"], "ab") as out,
+            open(self.log_paths["stderr"], "ab") as err,
+        ):
+
+            def popen(argv: list[str]) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    argv,
+                    cwd=self.work_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+
+            if direct is None:
+                assert isinstance(cmd, str)
+                return popen([self.executor.shell, "-c", cmd])
+            try:
+                return popen(direct)
+            except FileNotFoundError:
+                raise _CommandNotRunnable(127, f"{direct[0]}: command not found") from None
+            except PermissionError:
+                raise _CommandNotRunnable(126, f"{direct[0]}: permission denied") from None
+            except OSError as exc:
+                if shell_fallback is not None:  # e.g. ENOEXEC: a script without '#!'
+                    return popen([self.executor.shell, "-c", shell_fallback])
+                raise _CommandNotRunnable(126, f"{direct[0]}: {exc.strerror or exc}") from None
+
+    def _append_stderr(self, text: str) -> None:
+        with contextlib.suppress(OSError), open(self.log_paths["stderr"], "ab") as fh:
+            fh.write(text.encode())
+
+    def _terminate_group(self) -> None:
+        if self.pgid is not None:
+            procs.signal_group(self.pgid, signal.SIGTERM)
+
+    def _collect(self, res: ExecResult) -> None:
+        try:
+            got = collect(self.work_dir, self._snapshot, self.spec.outputs)
+        except OSError as exc:
+            res.error = _join(res.error, f"cannot collect outputs: {exc}")
+            return
+        res.outputs = got.files
+        if got.problems:
+            res.error = _join(res.error, "; ".join(got.problems))
+        for msg in got.skipped:
+            log.warning("event=output_skipped attempt=%d detail=%r", self.attempt_id, msg)
+        self._evict_modified_links()
+
+    def _evict_modified_links(self) -> None:
+        """A hard-linked input written in place also changed the cache: drop that entry."""
+        for rel, cache_path in self._linked.items():
+            before = self._snapshot.get(rel)
+            try:
+                st = os.lstat(self.work_dir / rel)
+                cst = os.stat(cache_path)
+            except OSError:
+                continue
+            same_inode = before is not None and st.st_ino == before[0] == cst.st_ino
+            if same_inode and before is not None and (st.st_size, st.st_mtime_ns) != before[1:]:
+                log.warning("event=cache_evict attempt=%d path=%s", self.attempt_id, rel)
+                with contextlib.suppress(OSError):
+                    cache_path.unlink()
+
+    def _finish(self, res: ExecResult) -> ExecResult:
+        res.duration_s = time.monotonic() - self._t0 if self._t0 else 0.0
+        with self._lock:
+            self.result = res
+        log.debug(
+            "event=attempt_done attempt=%d outcome=%s exit=%s dur=%.3f",
+            self.attempt_id,
+            res.outcome,
+            res.exit_code,
+            res.duration_s,
+        )
+        return res
+
+
+class _CommandNotRunnable(Exception):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def _shell_code(rc: int) -> int:
+    """Popen's returncode as a shell would report it (signal n → 128 + n)."""
+    return rc if rc >= 0 else 128 - rc
+
+
+def _join(a: str | None, b: str) -> str:
+    return b if not a else f"{a}; {b}"
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func: Callable[..., object], p: str, _exc: object) -> None:
+        # a read-only directory left by the command: make it writable, retry once
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                func(p)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=onerror)
+
+
+class Executor:
+    """Creates executions under ``work_root``; shared blob cache; tracks running groups."""
+
+    def __init__(
+        self,
+        work_root: Path,
+        blob_dir: Path,
+        fetch_blob: FetchBlob | None = None,
+        *,
+        base_env: Mapping[str, str] | None = None,
+        kill_grace_s: float = 2.0,
+        shell: str = "/bin/sh",
+        subreaper: bool = True,
+    ) -> None:
+        self.work_root = Path(work_root)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobCache(Path(blob_dir), fetch_blob)
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.kill_grace_s = kill_grace_s
+        self.shell = shell
+        self._running: dict[int, Execution] = {}
+        self._n_spawning = 0
+        self._lock = threading.Lock()
+        if subreaper:
+            procs.become_subreaper()
+
+    def execution(self, spec: ExecSpec) -> Execution:
+        return Execution(self, spec)
+
+    def run(self, spec: ExecSpec) -> tuple[Execution, ExecResult]:
+        ex = self.execution(spec)
+        return ex, ex.run()
+
+    def purge_stale(self) -> int:
+        """Remove sandboxes left by an earlier agent process. Returns how many."""
+        n = 0
+        for entry in self.work_root.iterdir():
+            name = entry.name
+            if name.startswith(SANDBOX_PREFIX) and name[1:].isdigit() and entry.is_dir():
+                with self._lock:
+                    if int(name[1:]) in self._running:
+                        continue
+                _rmtree(entry)
+                n += 1
+        return n
+
+    def reap_orphans(self) -> int:
+        """Reap zombie orphans re-parented to the agent (call periodically)."""
+        with self._lock:
+            if self._n_spawning:
+                return 0  # a fresh child may not be registered yet
+            owned = {ex.pgid for ex in self._running.values() if ex.pgid is not None}
+            return procs.reap_orphans(owned)
+
+    def kill_all(self, outcome: Outcome = "released", reason: str = "agent shutting down") -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for ex in running:
+            ex.cancel(outcome, reason)
+
+    def _spawning(self, delta: int) -> None:
+        with self._lock:
+            self._n_spawning += delta
+
+    def _register(self, ex: Execution) -> None:
+        with self._lock:
+            self._running[ex.attempt_id] = ex
+
+    def _unregister(self, ex: Execution) -> None:
+        with self._lock:
+            self._running.pop(ex.attempt_id, None)

@@ -1,0 +1,749 @@
+"""TOML job files: what a Rakefile cannot say (DESIGN §2, §3).
+
+A job file parses into the same job model as a Rakefile. Example::
+
+    name = "shot-010"            # job name (default: the file's stem)
+    priority = 10                # -1000..1000, default 0
+    pool = "render"              # default "default"
+    owner = "alice"              # optional
+    idempotency_key = "shot-010-v3"   # optional
+
+    [defaults]                   # optional: task fields every task starts from
+    tags = ["blender"]
+    max_attempts = 3
+    env = { OCIO = "/studio/ocio.cfg" }
+
+    [[stage]]
+    name = "prepare"
+
+    [[stage.task]]
+    command = "python bake.py"   # a shell string, or an argv list
+    requires = ["bake.py", "assets/scene.blend"]
+    placement = "local"
+
+    [[stage]]
+    name = "render"
+
+    [[stage.frames]]
+    command = "blender -b assets/scene.blend -o out/f_#### -s {start} -e {end} -j {step} -a"
+    frames = "1-240x2"           # also "1-10,20,30-40x5"
+    chunk = 10                   # frames per task (default 1)
+    requires = ["assets/scene.blend"]
+    outputs = ["out"]
+    cpus = 8
+    ram_mb = 16000
+
+Keys
+----
+Top level: ``name``, ``priority``, ``pool``, ``owner``, ``idempotency_key``,
+``defaults`` (a table), ``stage`` (an array of tables). Stages run in file
+order; each needs a ``name`` and at least one task. A stage's tasks are its
+``[[stage.task]]`` entries followed by the tasks its ``[[stage.frames]]``
+entries expand into.
+
+Task fields (in ``[[stage.task]]``, ``[[stage.frames]]`` and ``[defaults]``):
+``name``, ``command`` (string or list of strings), ``placement`` (``"remote"``
+or ``"local"``), ``requires`` (paths relative to the job root), ``outputs``
+(paths to bring back; absent means every created or changed file), ``env``
+(a table of strings), ``timeout_s``, ``max_attempts``, ``tags``, ``cpus``,
+``ram_mb``. A task's value replaces the default's, except ``env``, which is
+merged (the task's variables win). ``name`` and ``command`` cannot be
+defaults.
+
+Frame templates
+---------------
+A ``[[stage.frames]]`` entry also has ``frames`` (required) and ``chunk``
+(default 1). ``frames`` is a comma-separated list of items, each ``N``,
+``A-B`` or ``A-BxS`` (every S-th frame from A up to B; frames are integers
+>= 0, ``A <= B``, ``S >= 1``; a frame may not appear twice). Each item is cut
+into chunks of ``chunk`` frames *of that item's sequence*, so a chunk never
+spans two items and is always ``start, start+step, ..., end``. Each chunk
+becomes one task, named ``"{name}[{start}-{end}]"`` (``"{name}[{start}]"``
+for a one-frame chunk; ``name`` defaults to the stage's name). In
+``command`` (each element, for an argv list), ``outputs`` and ``env`` values
+these placeholders are replaced, and other braces are left alone for the
+shell: ``{start}``, ``{end}`` (first and last frame of the chunk),
+``{step}``, ``{frames}`` (the chunk's frames joined with ``,``), ``{count}``
+(frames in the chunk) and ``{index}`` (the chunk's number, from 0). A
+Python format spec may follow: ``{start:04d}``.
+
+Errors are :class:`JobFileError`: ``"file:line:col: message"`` when the
+position is known (TOML syntax errors; a bad key or value is located by a
+scan of the file), else ``"file: message"``. The message names the key path,
+e.g. ``stage[1].task[0].comand`` (indices count from 0).
+
+Required files need digests before submission: :func:`load_jobfile` returns
+a :class:`JobFile` with relative paths, and :func:`to_job_submit` turns it
+into the API's ``JobSubmit`` given a digest for each path of
+:meth:`JobFile.required_paths`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from herder.api_models import JobSubmit, RequiredFile, StageSpec, TaskSpec
+from herder.paths import UnsafePath, normalize_relpath
+from herder.rakefile import MissingDigestError
+
+__all__ = [
+    "MAX_FRAMES",
+    "FrameChunk",
+    "FrameRange",
+    "FrameSpecError",
+    "JobFile",
+    "JobFileError",
+    "JobStage",
+    "JobTask",
+    "MissingDigestError",
+    "chunk_frames",
+    "expand_template",
+    "load_jobfile",
+    "parse_frame_ranges",
+    "parse_frames",
+    "parse_jobfile",
+    "to_job_submit",
+]
+
+MAX_FRAMES = 1_000_000
+"""The most frames one ``frames`` spec may name."""
+
+KeyPath = tuple[str | int, ...]
+
+_TASK_FIELDS = (
+    "name",
+    "command",
+    "placement",
+    "requires",
+    "outputs",
+    "env",
+    "timeout_s",
+    "max_attempts",
+    "tags",
+    "cpus",
+    "ram_mb",
+)
+_JOB_KEYS = ("name", "priority", "pool", "owner", "idempotency_key", "defaults", "stage")
+_STAGE_KEYS = ("name", "task", "frames")
+_FRAME_KEYS = (*_TASK_FIELDS, "frames", "chunk")
+_DEFAULT_KEYS = tuple(k for k in _TASK_FIELDS if k not in ("name", "command"))
+
+
+# ------------------------------------------------------------------ errors
+
+
+class JobFileError(Exception):
+    """A job file that cannot be used."""
+
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        line: int | None = None,
+        col: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.path = path
+        self.message = message
+        self.line = line
+        self.col = col
+        self.key = key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}:{self.col or 1}: {self.message}"
+        return f"{self.path}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.message, self.line, self.col, self.key))
+
+
+class FrameSpecError(ValueError):
+    """A bad ``frames`` specification; ``offset`` is 0-based within the spec."""
+
+    def __init__(self, message: str, offset: int = 0) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+# ------------------------------------------------------------------ frames
+
+
+@dataclass(frozen=True)
+class FrameRange:
+    start: int
+    end: int
+    step: int = 1
+
+    @property
+    def frames(self) -> range:
+        return range(self.start, self.end + 1, self.step)
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    index: int
+    start: int
+    end: int
+    step: int
+    frames: list[int]
+
+
+_ITEM_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*(?:x\s*([0-9]+)\s*)?)?", re.ASCII)
+
+
+def parse_frame_ranges(spec: str) -> list[FrameRange]:
+    """Parse ``"1-240x2"``, ``"1-10,20,30-40x5"`` into ranges.
+
+    Raises :class:`FrameSpecError` (a ``ValueError``) on a malformed item, a
+    reversed range, a zero step, a repeated frame, or more than
+    :data:`MAX_FRAMES` frames.
+    """
+    if not isinstance(spec, str):
+        raise FrameSpecError('frames must be a string such as "1-240x2"')
+    if not spec.strip():
+        raise FrameSpecError('frames is empty; expected e.g. "1-240", "1-240x2" or "1,5,10-20"')
+    out: list[FrameRange] = []
+    total = 0
+    seen: set[int] = set()
+    pos = 0
+    for item in spec.split(","):
+        m = _ITEM_RE.fullmatch(item)
+        if m is None:
+            lead = len(item) - len(item.lstrip())
+            raise FrameSpecError(
+                f"bad frame item {item.strip()!r}: expected N, A-B or A-BxS with whole numbers >= 0",
+                pos + lead,
+            )
+        a = int(m.group(1))
+        b = a if m.group(2) is None else int(m.group(2))
+        step = 1 if m.group(3) is None else int(m.group(3))
+        if b < a:
+            raise FrameSpecError(
+                f"reversed frame range {a}-{b}: the first frame must not exceed the last",
+                pos + m.start(1),
+            )
+        if step == 0:
+            raise FrameSpecError(
+                f"frame step is 0 in {item.strip()!r}; expected a step >= 1", pos + m.start(3)
+            )
+        r = FrameRange(a, b, step)
+        total += len(r.frames)
+        if total > MAX_FRAMES:
+            raise FrameSpecError(f"too many frames (more than {MAX_FRAMES})", pos + m.start(1))
+        for f in r.frames:
+            if f in seen:
+                raise FrameSpecError(f"frame {f} appears more than once", pos + m.start(1))
+            seen.add(f)
+        out.append(r)
+        pos += len(item) + 1
+    return out
+
+
+def parse_frames(spec: str) -> list[int]:
+    """Every frame a spec names, in the order given (see :func:`parse_frame_ranges`)."""
+    return [f for r in parse_frame_ranges(spec) for f in r.frames]
+
+
+def chunk_frames(ranges: Sequence[FrameRange], chunk: int) -> list[FrameChunk]:
+    """Cut each range into chunks of ``chunk`` frames of its sequence."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, not {chunk}")
+    out: list[FrameChunk] = []
+    for r in ranges:
+        frames = list(r.frames)
+        for i in range(0, len(frames), chunk):
+            part = frames[i : i + chunk]
+            out.append(FrameChunk(len(out), part[0], part[-1], r.step, part))
+    return out
+
+
+_PLACEHOLDER_RE = re.compile(r"\{(start|end|step|frames|count|index)(?::([^{}]*))?\}")
+
+
+def expand_template(template: str, chunk: FrameChunk) -> str:
+    """Replace ``{start}``, ``{end}``, ``{step}``, ``{frames}``, ``{count}``,
+    ``{index}`` (each with an optional format spec); leave other braces."""
+
+    def sub(m: re.Match[str]) -> str:
+        key, spec = m.group(1), m.group(2) or ""
+        if key == "frames":
+            return ",".join(format(f, spec) for f in chunk.frames)
+        value = {
+            "start": chunk.start,
+            "end": chunk.end,
+            "step": chunk.step,
+            "count": len(chunk.frames),
+            "index": chunk.index,
+        }[key]
+        return format(value, spec)
+
+    return _PLACEHOLDER_RE.sub(sub, template)
+
+
+# ------------------------------------------------------------------ model
+
+
+@dataclass(frozen=True)
+class JobTask:
+    command: str | list[str]
+    name: str | None = None
+    placement: Literal["remote", "local"] = "remote"
+    requires: list[str] = field(default_factory=list)
+    outputs: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    max_attempts: int = 1
+    tags: list[str] = field(default_factory=list)
+    cpus: int = 1
+    ram_mb: int = 0
+    frames: list[int] | None = None
+    """For a task expanded from a frame template: the frames it renders."""
+
+
+@dataclass(frozen=True)
+class JobStage:
+    name: str
+    tasks: list[JobTask]
+
+
+@dataclass(frozen=True)
+class JobFile:
+    name: str
+    stages: list[JobStage]
+    priority: int = 0
+    pool: str = "default"
+    owner: str | None = None
+    idempotency_key: str | None = None
+    path: str = "job.toml"
+
+    def required_paths(self) -> list[str]:
+        """Every required path, once, in order of first use."""
+        seen: dict[str, None] = {}
+        for s in self.stages:
+            for t in s.tasks:
+                for p in t.requires:
+                    seen.setdefault(p, None)
+        return list(seen)
+
+
+# ------------------------------------------------------------------ locating keys
+
+
+def _key_parts(s: str) -> list[str] | None:
+    """Split a TOML (dotted) key; ``None`` if it is not a simple key."""
+    parts: list[str] = []
+    for raw in re.findall(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*(?:\.|$)""", s):
+        parts.append(raw[1:-1] if raw[:1] in "\"'" else raw)
+    return parts or None
+
+
+def _locate_keys(text: str) -> dict[KeyPath, tuple[int, int]]:
+    """Best-effort map from key path to (line, col) by scanning the text.
+
+    Understands ``[table]``, ``[[array]]`` headers and ``key = value`` lines,
+    which is what job files are made of; anything fancier is simply not
+    located.
+    """
+    where: dict[KeyPath, tuple[int, int]] = {}
+    counters: dict[tuple[str, ...], int] = {}
+    context: KeyPath = ()
+    header_re = re.compile(r"\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+    key_re = re.compile(
+        r"(\s*)((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+    )
+    in_multiline = False
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        # skip the body of multi-line strings (counting the delimiters is enough here)
+        n = line.count('"""') + line.count("'''")
+        if in_multiline:
+            if n % 2 == 1:
+                in_multiline = False
+            continue
+        h = header_re.match(line)
+        if h is not None:
+            names = _key_parts(h.group(2))
+            if names is None:
+                continue
+            is_array = h.group(1) == "[["
+            tup = tuple(names)
+            if is_array:
+                counters[tup] = counters.get(tup, -1) + 1
+                for k in [k for k in counters if len(k) > len(tup) and k[: len(tup)] == tup]:
+                    del counters[k]
+            ctx: list[str | int] = []
+            for i in range(len(names)):
+                ctx.append(names[i])
+                pre = tuple(names[: i + 1])
+                if pre in counters:
+                    ctx.append(counters[pre])
+            context = tuple(ctx)
+            where.setdefault(context, (lineno, len(line) - len(line.lstrip()) + 1))
+            continue
+        km = key_re.match(line)
+        if km is not None:
+            names = _key_parts(km.group(2))
+            if names is not None:
+                where.setdefault((*context, *names), (lineno, len(km.group(1)) + 1))
+            if n % 2 == 1:
+                in_multiline = True
+    return where
+
+
+def _fmt_path(path: KeyPath) -> str:
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            bare = re.fullmatch(r"[A-Za-z0-9_-]+", p) is not None
+            out += ("." if out else "") + (p if bare else repr(p))
+    return out
+
+
+# ------------------------------------------------------------------ loading
+
+
+class _Loader:
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.text = text
+        self._where: dict[KeyPath, tuple[int, int]] | None = None
+
+    def error(self, key: KeyPath, message: str) -> JobFileError:
+        if self._where is None:
+            self._where = _locate_keys(self.text)
+        pos = None
+        for n in range(len(key), 0, -1):  # the key itself, else its nearest located parent
+            pos = self._where.get(key[:n])
+            if pos is not None:
+                break
+        name = _fmt_path(key)
+        msg = f"{name}: {message}" if name else message
+        if pos is None:
+            return JobFileError(self.path, msg, key=name or None)
+        return JobFileError(self.path, msg, pos[0], pos[1], key=name or None)
+
+    # -- generic checks
+    def table(self, value: object, key: KeyPath) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_tname(value)}")
+        return value
+
+    def array_of_tables(self, value: object, key: KeyPath) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(
+                key, f"expected an array of tables ([[{_fmt_path(key)}]]), got {_tname(value)}"
+            )
+        return value
+
+    def known(
+        self, tbl: Mapping[str, object], allowed: Sequence[str], key: KeyPath, what: str
+    ) -> None:
+        for k in tbl:
+            if k not in allowed:
+                raise self.error(
+                    (*key, k), f"unknown key {k!r} in {what}; expected one of: {', '.join(allowed)}"
+                )
+
+    def string(self, value: object, key: KeyPath, *, nonempty: bool = True) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_tname(value)}")
+        if nonempty and not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def integer(self, value: object, key: KeyPath, lo: int, hi: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_tname(value)}")
+        if value < lo or (hi is not None and value > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise self.error(key, f"{value} is out of range ({rng})")
+        return value
+
+    def strings(self, value: object, key: KeyPath) -> list[str]:
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of strings, got {_tname(value)}")
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                raise self.error((*key, i), f"expected a string, got {_tname(v)}")
+        return list(value)
+
+    def relpaths(self, value: object, key: KeyPath) -> list[str]:
+        out: list[str] = []
+        for i, p in enumerate(self.strings(value, key)):
+            try:
+                n = normalize_relpath(p)
+            except UnsafePath as exc:
+                raise self.error((*key, i), str(exc)) from None
+            if n not in out:
+                out.append(n)
+        return out
+
+    # -- task fields
+    def task_fields(self, tbl: Mapping[str, Any], key: KeyPath) -> dict[str, Any]:
+        """Type-check the task fields present in ``tbl``."""
+        out: dict[str, Any] = {}
+        for k, v in tbl.items():
+            kk = (*key, k)
+            if k not in _TASK_FIELDS:
+                continue
+            if k == "name":
+                out[k] = self.string(v, kk)
+            elif k == "command":
+                if isinstance(v, str):
+                    out[k] = self.string(v, kk)
+                else:
+                    cmd = self.strings(v, kk)
+                    if not cmd or not cmd[0]:
+                        raise self.error(kk, "an argv command needs a non-empty first element")
+                    out[k] = cmd
+            elif k == "placement":
+                out[k] = self.string(v, kk)
+                if v not in ("remote", "local"):
+                    raise self.error(kk, f'expected "remote" or "local", got {v!r}')
+            elif k in ("requires", "outputs"):
+                out[k] = self.relpaths(v, kk)
+            elif k == "tags":
+                out[k] = self.strings(v, kk)
+            elif k == "env":
+                env = self.table(v, kk)
+                for ek, ev in env.items():
+                    if not isinstance(ev, str):
+                        raise self.error((*kk, ek), f"expected a string, got {_tname(ev)}")
+                out[k] = dict(env)
+            elif k == "timeout_s":
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise self.error(kk, f"expected a number of seconds, got {_tname(v)}")
+                out[k] = float(v)
+            elif k == "max_attempts":
+                out[k] = self.integer(v, kk, 1, 100)
+            elif k in ("cpus", "ram_mb"):
+                out[k] = self.integer(v, kk, 0)
+        return out
+
+    def make_task(
+        self, fields: dict[str, Any], defaults: Mapping[str, Any], key: KeyPath
+    ) -> JobTask:
+        merged = {**defaults, **fields}
+        if "env" in defaults and "env" in fields:
+            merged["env"] = {**defaults["env"], **fields["env"]}
+        if "command" not in merged:
+            raise self.error(key, "a task needs a 'command'")
+        # the API's own rules (ranges, env names, ...)
+        probe = {k: v for k, v in merged.items() if k not in ("requires", "frames")}
+        try:
+            TaskSpec.model_validate(probe)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = first.get("loc", ())
+            sub: KeyPath = tuple(x for x in loc[:1] if isinstance(x, str))
+            raise self.error((*key, *sub), str(first.get("msg", exc))) from None
+        return JobTask(**merged)
+
+    # -- the document
+    def load(self, doc: dict[str, Any], default_name: str) -> JobFile:
+        self.known(doc, _JOB_KEYS, (), "the job")
+        name = self.string(doc.get("name", default_name), ("name",))
+        if len(name) > 200:
+            raise self.error(("name",), "is longer than 200 characters")
+        priority = self.integer(doc.get("priority", 0), ("priority",), -1000, 1000)
+        pool = self.string(doc.get("pool", "default"), ("pool",))
+        owner = None if "owner" not in doc else self.string(doc["owner"], ("owner",))
+        ikey = None
+        if "idempotency_key" in doc:
+            ikey = self.string(doc["idempotency_key"], ("idempotency_key",))
+        defaults: dict[str, Any] = {}
+        if "defaults" in doc:
+            dtbl = self.table(doc["defaults"], ("defaults",))
+            self.known(dtbl, _DEFAULT_KEYS, ("defaults",), "[defaults]")
+            defaults = self.task_fields(dtbl, ("defaults",))
+        if "stage" not in doc:
+            raise JobFileError(self.path, "no stages: expected at least one [[stage]] with tasks")
+        stages: list[JobStage] = []
+        for si, st in enumerate(self.array_of_tables(doc["stage"], ("stage",))):
+            skey: KeyPath = ("stage", si)
+            self.known(st, _STAGE_KEYS, skey, "a [[stage]]")
+            if "name" not in st:
+                raise self.error(skey, "a stage needs a 'name'")
+            sname = self.string(st["name"], (*skey, "name"))
+            tasks: list[JobTask] = []
+            for ti, t in enumerate(self.array_of_tables(st.get("task", []), (*skey, "task"))):
+                tkey: KeyPath = (*skey, "task", ti)
+                self.known(t, _TASK_FIELDS, tkey, "a [[stage.task]]")
+                tasks.append(self.make_task(self.task_fields(t, tkey), defaults, tkey))
+            for fi, fr in enumerate(self.array_of_tables(st.get("frames", []), (*skey, "frames"))):
+                tasks.extend(self.frame_tasks(fr, (*skey, "frames", fi), defaults, sname))
+            if not tasks:
+                raise self.error(
+                    skey, f"stage {sname!r} has no tasks; add [[stage.task]] or [[stage.frames]]"
+                )
+            if len(tasks) > 100_000:
+                raise self.error(skey, f"stage {sname!r} has {len(tasks)} tasks; at most 100000")
+            stages.append(JobStage(sname, tasks))
+        if not stages:
+            raise self.error(("stage",), "no stages: expected at least one [[stage]] with tasks")
+        return JobFile(
+            name=name,
+            stages=stages,
+            priority=priority,
+            pool=pool,
+            owner=owner,
+            idempotency_key=ikey,
+            path=self.path,
+        )
+
+    def frame_tasks(
+        self, fr: dict[str, Any], key: KeyPath, defaults: Mapping[str, Any], stage_name: str
+    ) -> list[JobTask]:
+        self.known(fr, _FRAME_KEYS, key, "a [[stage.frames]]")
+        if "frames" not in fr:
+            raise self.error(key, "a frame template needs 'frames', e.g. frames = \"1-240x2\"")
+        spec = self.string(fr["frames"], (*key, "frames"))
+        try:
+            ranges = parse_frame_ranges(spec)
+        except FrameSpecError as exc:
+            raise self.error(
+                (*key, "frames"), f"{exc} (at character {exc.offset + 1} of {spec!r})"
+            ) from None
+        chunk = self.integer(fr.get("chunk", 1), (*key, "chunk"), 1)
+        fields = self.task_fields(fr, key)
+        base_name = fields.pop("name", stage_name)
+        template = self.make_task(fields, defaults, key)  # validates the template as a task
+        out: list[JobTask] = []
+        for c in chunk_frames(ranges, chunk):
+            label = f"{c.start}" if c.start == c.end else f"{c.start}-{c.end}"
+            try:
+                command: str | list[str] = (
+                    expand_template(template.command, c)
+                    if isinstance(template.command, str)
+                    else [expand_template(a, c) for a in template.command]
+                )
+                outputs = (
+                    None
+                    if template.outputs is None
+                    else [normalize_relpath(expand_template(o, c)) for o in template.outputs]
+                )
+                env = {k: expand_template(v, c) for k, v in template.env.items()}
+            except (ValueError, TypeError) as exc:  # bad format spec, unsafe output path
+                raise self.error(
+                    key, f"cannot expand the template for frames {label}: {exc}"
+                ) from None
+            out.append(
+                replace(
+                    template,
+                    name=f"{base_name}[{label}]",
+                    command=command,
+                    outputs=outputs,
+                    env=env,
+                    frames=c.frames,
+                )
+            )
+        return out
+
+
+def _tname(v: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+_TOML_POS_RE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)
+
+
+def parse_jobfile(text: str, path: str = "job.toml") -> JobFile:
+    """Parse job-file text; raise :class:`JobFileError` on any problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = _TOML_POS_RE.match(msg)
+        if m is not None:
+            raise JobFileError(path, m.group(1), int(m.group(2)), int(m.group(3))) from None
+        if msg.endswith(" (at end of document)"):
+            lines = text.split("\n")
+            raise JobFileError(
+                path,
+                msg[: -len(" (at end of document)")] + " at end of file",
+                len(lines),
+                len(lines[-1]) + 1,
+            ) from None
+        raise JobFileError(path, msg) from None
+    return _Loader(path, text).load(doc, Path(path).stem or "job")
+
+
+def load_jobfile(path: Path | str) -> JobFile:
+    """Read and parse a TOML job file (``OSError`` if it cannot be read)."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        col = len(data[start : exc.start].decode("utf-8", errors="replace")) + 1
+        raise JobFileError(
+            str(p), f"invalid UTF-8 byte 0x{data[exc.start]:02x}", line, col
+        ) from None
+    return parse_jobfile(text, str(p))
+
+
+def to_job_submit(
+    job: JobFile,
+    digests: Mapping[str, str],
+    modes: Mapping[str, int] | None = None,
+) -> JobSubmit:
+    """The API's ``JobSubmit`` for ``job``, given a digest for each required path."""
+    stages: list[StageSpec] = []
+    for s in job.stages:
+        tasks: list[TaskSpec] = []
+        for t in s.tasks:
+            reqs: list[RequiredFile] = []
+            for p in t.requires:
+                digest = digests.get(p)
+                if digest is None:
+                    raise MissingDigestError(
+                        f"no digest for required file {p!r} (task {t.name or t.command!r})"
+                    )
+                reqs.append(
+                    RequiredFile(
+                        path=p, digest=digest, mode=None if modes is None else modes.get(p)
+                    )
+                )
+            tasks.append(
+                TaskSpec(
+                    name=t.name,
+                    command=t.command,
+                    placement=t.placement,
+                    requires=reqs,
+                    outputs=t.outputs,
+                    env=t.env,
+                    timeout_s=t.timeout_s,
+                    max_attempts=t.max_attempts,
+                    tags=t.tags,
+                    cpus=t.cpus,
+                    ram_mb=t.ram_mb,
+                )
+            )
+        stages.append(StageSpec(name=s.name, tasks=tasks))
+    return JobSubmit(
+        name=job.name,
+        owner=job.owner,
+        pool=job.pool,
+        priority=job.priority,
+        idempotency_key=job.idempotency_key,
+        stages=stages,
+    )

@@ -1,0 +1,322 @@
+"""The master's HTTP API: translates HTTP to store calls (DESIGN §4).
+
+Handlers hold no thread while a claim long-polls: store calls run in the
+thread pool, waiting happens on an asyncio event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from herder import __version__
+from herder.api_models import (
+    AckRequest,
+    AgentList,
+    AgentRegister,
+    AgentView,
+    BlobMissing,
+    BlobQuery,
+    BlobStored,
+    ClaimRequest,
+    ClaimResponse,
+    Completion,
+    CompletionResult,
+    ErrorBody,
+    Heartbeat,
+    HeartbeatResponse,
+    JobList,
+    JobSubmit,
+    JobView,
+    LogAppend,
+    LogView,
+    TaskView,
+)
+from herder.errors import HerderError, InvalidRequest
+from herder.master.metrics import MasterStats, StatsMiddleware
+from herder.master.notify import WorkNotifier
+from herder.store import Store
+
+log = logging.getLogger("herder.master")
+
+T = TypeVar("T")
+DigestPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+
+
+@dataclass
+class MasterConfig:
+    reap_interval_s: float = 1.0
+    # Long-polls re-check the database this often even without a wake-up, so
+    # work queued through another master is found without notifications.
+    recheck_interval_s: float = 1.0
+    max_blob_bytes: int = 1 << 30
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    # Serialize with pydantic directly: FastAPI's response_model round-trip
+    # would validate the object a second time on the hot path.
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str, detail: object | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        out.append(
+            {
+                "loc": [str(p) for p in err.get("loc", ())],
+                "message": str(err.get("msg", "")),
+                "type": str(err.get("type", "")),
+            }
+        )
+    return out
+
+
+def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
+    cfg = config or MasterConfig()
+    stats = MasterStats()
+    notifier = WorkNotifier()
+
+    async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    async def reaper() -> None:
+        while True:
+            await asyncio.sleep(cfg.reap_interval_s)
+            try:
+                if await call(store.reap):
+                    notifier.notify()
+            except Exception:  # keep reaping whatever one round did
+                stats.unhandled_exceptions += 1
+                log.exception("event=reap_failed")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Recovery on start (seeds/002): requeue unacknowledged offers and
+        # expired leases before serving any claim.
+        requeued = await call(store.reap)
+        log.info("event=master_started requeued=%d dialect=%s", requeued, store.dialect)
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with_suppress = asyncio.gather(task, return_exceptions=True)
+            await with_suppress
+
+    app = FastAPI(
+        title="herder master",
+        version=__version__,
+        description="Job farm master API (DESIGN §4). Errors are JSON {error, message, detail}.",
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.stats = stats
+    app.state.notifier = notifier
+    # Set on SIGTERM so long-polls answer at once and shutdown is not held up.
+    app.state.stopping = False
+    app.add_middleware(StatsMiddleware, stats=stats)
+
+    # ---------------------------------------------------------------- errors
+
+    @app.exception_handler(HerderError)
+    async def _herder_error(request: Request, exc: HerderError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _validation_detail(exc)
+        if any(d["type"] == "json_invalid" for d in detail):
+            return _error(400, "malformed_json", "the request body is not valid JSON", detail)
+        first = detail[0] if detail else {"loc": [], "message": "invalid"}
+        where = ".".join(p for p in first["loc"] if p != "body") or "request"
+        return _error(422, "invalid_request", f"{where}: {first['message']}", jsonable_encoder(detail))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        stats.unhandled_exceptions += 1
+        log.error("event=unhandled_exception path=%s error=%r", request.url.path, exc)
+        return _error(500, "internal", "internal error; see the master's log")
+
+    # ------------------------------------------------------------------ misc
+
+    @app.get("/api/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__, "dialect": store.dialect}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(stats.prometheus(), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ jobs
+
+    @app.post("/api/v1/jobs", response_model=JobView, status_code=201, responses=ERRORS)
+    async def submit_job(spec: JobSubmit) -> Response:
+        job, created = await call(store.submit_job, spec)
+        notifier.notify()
+        return _json(job, 201 if created else 200)
+
+    @app.get("/api/v1/jobs", response_model=JobList, responses=ERRORS)
+    async def list_jobs(
+        state: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+        | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> Response:
+        jobs = await call(store.list_jobs, state=state, limit=limit)
+        return _json(JobList(jobs=jobs))
+
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS)
+    async def get_job(job_id: int) -> Response:
+        return _json(await call(store.get_job, job_id))
+
+    @app.post("/api/v1/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS)
+    async def cancel_job(job_id: int) -> Response:
+        return _json(await call(store.cancel_job, job_id, "cancelled by user"))
+
+    @app.get("/api/v1/jobs/{job_id}/events", responses=ERRORS)
+    async def job_events(
+        job_id: int,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> dict[str, Any]:
+        await call(store.get_job, job_id)  # 404 for an unknown job
+        events = await call(store.list_events, job_id=job_id, after_id=after, limit=limit)
+        return {"events": [e.model_dump(mode="json") for e in events]}
+
+    @app.get("/api/v1/tasks/{task_id}", response_model=TaskView, responses=ERRORS)
+    async def get_task(task_id: int) -> Response:
+        return _json(await call(store.get_task, task_id))
+
+    # -------------------------------------------------------------- attempts
+
+    @app.get("/api/v1/attempts/{attempt_id}/log", response_model=LogView, responses=ERRORS)
+    async def read_log(
+        attempt_id: int,
+        stream: Literal["stdout", "stderr"] = "stdout",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=16 << 20)] = 1 << 20,
+    ) -> Response:
+        return _json(await call(store.read_log, attempt_id, stream, offset, limit))
+
+    @app.post("/api/v1/attempts/{attempt_id}/ack", status_code=204, responses=ERRORS)
+    async def ack(attempt_id: int, body: AckRequest) -> Response:
+        await call(store.ack, attempt_id, body.token)
+        return Response(status_code=204)
+
+    @app.post("/api/v1/attempts/{attempt_id}/log", status_code=204, responses=ERRORS)
+    async def append_log(attempt_id: int, body: LogAppend) -> Response:
+        await call(store.append_log, attempt_id, body.token, body.chunks)
+        return Response(status_code=204)
+
+    @app.post(
+        "/api/v1/attempts/{attempt_id}/complete", response_model=CompletionResult, responses=ERRORS
+    )
+    async def complete(attempt_id: int, body: Completion) -> Response:
+        if body.attempt_id != attempt_id:
+            raise InvalidRequest(
+                f"attempt_id {body.attempt_id} in the body does not match {attempt_id} in the path"
+            )
+        result, woke = await call(store.complete, body)
+        if woke:
+            notifier.notify()
+        if result.result == "stale":
+            return _error(
+                409,
+                "stale_attempt",
+                f"attempt {attempt_id} is no longer current; discard its result",
+                result.model_dump(mode="json"),
+            )
+        return _json(result)
+
+    # ---------------------------------------------------------------- agents
+
+    @app.post("/api/v1/agents", response_model=AgentView, status_code=201, responses=ERRORS)
+    async def register_agent(body: AgentRegister) -> Response:
+        agent, created = await call(store.register_agent, body)
+        return _json(agent, 201 if created else 200)
+
+    @app.get("/api/v1/agents", response_model=AgentList, responses=ERRORS)
+    async def list_agents() -> Response:
+        return _json(AgentList(agents=await call(store.list_agents)))
+
+    @app.get("/api/v1/agents/{agent_id}", response_model=AgentView, responses=ERRORS)
+    async def get_agent(agent_id: str) -> Response:
+        return _json(await call(store.get_agent, agent_id))
+
+    @app.post("/api/v1/agents/{agent_id}/claim", response_model=ClaimResponse, responses=ERRORS)
+    async def claim(agent_id: str, body: ClaimRequest, request: Request) -> Response:
+        deadline = time.monotonic() + body.wait_s
+        outcome = await call(store.claim, agent_id, body.max_tasks, body.completions, body.acks)
+        if outcome.woke:
+            notifier.notify()
+        results = outcome.results
+        offers = outcome.offers
+        # Long-poll: nothing to offer yet, so wait for a wake-up (or the
+        # periodic re-check) without holding a thread.
+        while not offers and body.max_tasks > 0 and not app.state.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or await request.is_disconnected():
+                break
+            await notifier.wait(min(remaining, cfg.recheck_interval_s))
+            outcome = await call(store.claim, agent_id, body.max_tasks, [], [])
+            offers = outcome.offers
+        return _json(ClaimResponse(offers=offers, completions=results, lease_s=store.lease_s))
+
+    @app.post(
+        "/api/v1/agents/{agent_id}/heartbeat", response_model=HeartbeatResponse, responses=ERRORS
+    )
+    async def heartbeat(agent_id: str, body: Heartbeat) -> Response:
+        return _json(await call(store.heartbeat, agent_id, body))
+
+    # ----------------------------------------------------------------- blobs
+
+    @app.post("/api/v1/blobs/missing", response_model=BlobMissing, responses=ERRORS)
+    async def missing_blobs(body: BlobQuery) -> Response:
+        return _json(BlobMissing(missing=await call(store.missing_blobs, body.digests)))
+
+    @app.put("/api/v1/blobs/{digest}", response_model=BlobStored, status_code=201, responses=ERRORS)
+    async def put_blob(digest: DigestPath, request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_blob_bytes:
+            return _error(413, "too_large", f"blob larger than {cfg.max_blob_bytes} bytes")
+        data = await request.body()
+        size, created = await call(store.put_blob, digest, data)
+        stored = BlobStored(digest=digest, size=size, href=f"/api/v1/blobs/{digest}", created=created)
+        return _json(stored, 201 if created else 200)
+
+    @app.get("/api/v1/blobs/{digest}", responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}})
+    async def get_blob(digest: DigestPath) -> Response:
+        data = await call(store.get_blob, digest)
+        return Response(data, media_type="application/octet-stream")
+
+    return app

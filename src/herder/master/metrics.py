@@ -1,0 +1,74 @@
+"""Master information of seeds/001: requests handled, unhandled exceptions,
+average request time. A pure ASGI middleware keeps the per-request cost tiny."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from collections.abc import MutableMapping
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+@dataclass
+class MasterStats:
+    started_at: float = field(default_factory=time.time)
+    requests: int = 0
+    in_flight: int = 0
+    errors_5xx: int = 0
+    unhandled_exceptions: int = 0
+    total_seconds: float = 0.0
+
+    @property
+    def average_seconds(self) -> float:
+        return self.total_seconds / self.requests if self.requests else 0.0
+
+    def prometheus(self) -> str:
+        lines = [
+            "# HELP herder_requests_total HTTP requests handled by this master.",
+            "# TYPE herder_requests_total counter",
+            f"herder_requests_total {self.requests}",
+            "# HELP herder_requests_in_flight HTTP requests being handled now.",
+            "# TYPE herder_requests_in_flight gauge",
+            f"herder_requests_in_flight {self.in_flight}",
+            "# HELP herder_responses_5xx_total Responses with a 5xx status.",
+            "# TYPE herder_responses_5xx_total counter",
+            f"herder_responses_5xx_total {self.errors_5xx}",
+            "# HELP herder_unhandled_exceptions_total Exceptions no handler expected.",
+            "# TYPE herder_unhandled_exceptions_total counter",
+            f"herder_unhandled_exceptions_total {self.unhandled_exceptions}",
+            "# HELP herder_request_seconds_total Time spent handling requests.",
+            "# TYPE herder_request_seconds_total counter",
+            f"herder_request_seconds_total {self.total_seconds:.6f}",
+            "# HELP herder_start_time_seconds Unix time this master started.",
+            "# TYPE herder_start_time_seconds gauge",
+            f"herder_start_time_seconds {self.started_at:.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class StatsMiddleware:
+    def __init__(self, app: ASGIApp, stats: MasterStats) -> None:
+        self.app = app
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        stats = self.stats
+        start = time.perf_counter()
+        stats.in_flight += 1
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 500:
+                stats.errors_5xx += 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            stats.in_flight -= 1
+            stats.requests += 1
+            stats.total_seconds += time.perf_counter() - start

@@ -1,0 +1,8 @@
+"""The herder store: SQLAlchemy Core schema, Alembic migrations and ``Store``.
+
+All SQL of the farm lives in this package (docs/architecture.md, "Store interface").
+"""
+
+from herder.store.store import ClaimOutcome, Store
+
+__all__ = ["ClaimOutcome", "Store"]

@@ -1,0 +1,124 @@
+"""Engines for the two supported databases, and the Alembic migration runner.
+
+SQLite (DESIGN §1, §10): WAL, ``synchronous=NORMAL``, foreign keys on, a busy
+timeout, and SQLAlchemy (not the sqlite3 module) emits ``BEGIN``: a plain
+``BEGIN`` for reads, ``BEGIN IMMEDIATE`` for connections flagged with the
+``herder_write`` execution option, so that a writer takes the database's write
+lock up front instead of failing on upgrade from a read lock.
+
+PostgreSQL: ``postgresql+psycopg://`` (plain ``postgresql://`` is rewritten),
+a pool of 10 + 10 connections by default.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_MIGRATION_LOCK = 0x6865726472  # pg_advisory_xact_lock key: "herdr"
+
+# One writer lock per SQLite file per process, shared by every Store on it.
+_sqlite_locks: dict[str, threading.Lock] = {}
+_sqlite_locks_guard = threading.Lock()
+
+
+def sqlite_lock(key: str) -> threading.Lock:
+    with _sqlite_locks_guard:
+        lock = _sqlite_locks.get(key)
+        if lock is None:
+            lock = _sqlite_locks[key] = threading.Lock()
+        return lock
+
+
+def normalize_url(url: str) -> sa.URL:
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise ValueError(
+            f"unsupported database URL {u.drivername!r}: use sqlite:///path or postgresql+psycopg://…"
+        )
+    return u
+
+
+def is_memory_sqlite(u: sa.URL) -> bool:
+    return u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+
+
+def make_engine(u: sa.URL, *, pool_size: int = 10, max_overflow: int = 10) -> Engine:
+    if u.get_backend_name() == "sqlite":
+        return _sqlite_engine(u)
+    return sa.create_engine(
+        u,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        # No pre-ping (a round trip per checkout on the hot path): a dead pooled
+        # connection invalidates the pool and the store retries the transaction.
+        pool_recycle=3600,
+    )
+
+
+def _sqlite_engine(u: sa.URL) -> Engine:
+    kwargs: dict[str, Any] = {
+        "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+    }
+    memory = is_memory_sqlite(u)
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    else:
+        assert u.database is not None
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["pool_size"] = 8
+        kwargs["max_overflow"] = 32
+    engine = sa.create_engine(u, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, emit BEGIN (the documented recipe).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("herder_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(conn: Connection, revision: str = "head") -> None:
+    """Run ``alembic upgrade`` on an open connection inside its transaction.
+
+    On PostgreSQL a transaction-scoped advisory lock makes concurrent masters
+    starting at once migrate one after the other.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+    command.upgrade(alembic_config(conn), revision)

@@ -1,0 +1,232 @@
+"""SQLAlchemy Core schema of the herder store (DESIGN §2, §5, §10).
+
+Migrations in ``herder/store/migrations`` must produce exactly this schema;
+``tests/integration/test_migrations.py`` checks it on SQLite and PostgreSQL.
+
+Notes on the hot path (DESIGN §10):
+
+- ``tasks.priority`` is the job's priority, copied onto each task so that the
+  claim is one scan of one partial index, ``ix_tasks_claim`` on
+  ``(priority DESC, id) WHERE state = 'queued' AND placement = 'remote'``,
+  whatever the length of the queue.
+- ``stages.remaining`` counts the stage's tasks not yet succeeded, so that
+  the completion of a task knows in O(1) whether it finished its stage.
+- ``attempts.stdout_len``/``stderr_len`` give log offsets without a scan.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A UTC timestamp: stored naive (UTC), returned timezone-aware (UTC)."""
+
+    impl = sa.DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # defensive: a value written by raw SQL on SQLite
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+_QUEUED_REMOTE = sa.text("state = 'queued' AND placement = 'remote'")
+_ACTIVE = sa.text("state IN ('offered', 'running')")
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("pool", sa.String(200), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True, unique=True),
+    sa.Column("stage_count", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Index("ix_jobs_state_id", "state", "id"),
+)
+
+stages = sa.Table(
+    "stages",
+    metadata,
+    sa.Column(
+        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("task_count", sa.Integer, nullable=False),
+    sa.Column("remaining", sa.Integer, nullable=False),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("command", sa.JSON, nullable=False),
+    sa.Column("placement", sa.String(16), nullable=False),
+    sa.Column("requires", sa.JSON, nullable=False),
+    sa.Column("outputs", sa.JSON, nullable=True),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("timeout_s", sa.Float, nullable=True),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("cpus", sa.Integer, nullable=False),
+    sa.Column("ram_mb", sa.Integer, nullable=False),
+    sa.Column("attempt_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("infra_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("agent_id", sa.String(100), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Index("ix_tasks_job_id_stage_state", "job_id", "stage", "state"),
+    sa.Index(
+        "ix_tasks_claim",
+        sa.desc("priority"),
+        "id",
+        sqlite_where=_QUEUED_REMOTE,
+        postgresql_where=_QUEUED_REMOTE,
+    ),
+)
+
+task_tags = sa.Table(
+    "task_tags",
+    metadata,
+    sa.Column(
+        "task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("tag", sa.String(200), primary_key=True),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("agent_id", sa.String(100), nullable=True),
+    sa.Column("token", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("offered_at", UTCDateTime, nullable=True),
+    sa.Column("ack_deadline", UTCDateTime, nullable=True),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("outputs", sa.JSON, nullable=True),
+    sa.Column("stdout_len", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("stderr_len", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("task_id", "number"),
+    # Only attempts in flight are in this index: the reaper and heartbeats scan it.
+    sa.Index(
+        "ix_attempts_active_agent_id",
+        "agent_id",
+        sqlite_where=_ACTIVE,
+        postgresql_where=_ACTIVE,
+    ),
+)
+
+log_chunks = sa.Table(
+    "log_chunks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "attempt_id",
+        sa.Integer,
+        sa.ForeignKey("attempts.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("stream", sa.String(8), nullable=False),
+    sa.Column("start_offset", sa.Integer, nullable=False),
+    sa.Column("end_offset", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Index("ix_log_chunks_attempt_id_stream_end_offset", "attempt_id", "stream", "end_offset"),
+)
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("slots", sa.Integer, nullable=False),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("cpus", sa.Integer, nullable=False),
+    sa.Column("ram_mb", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("talkback_url", sa.Text, nullable=True),
+    sa.Column("version", sa.String(100), nullable=True),
+    sa.Column("registered_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=True),
+    sa.Column("usage", sa.JSON, nullable=True),
+)
+
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=True),
+    sa.Column("task_id", sa.Integer, nullable=True),
+    sa.Column("attempt_id", sa.Integer, nullable=True),
+    sa.Column("agent_id", sa.String(100), nullable=True),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=True),
+    sa.Column("to_state", sa.String(16), nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Index("ix_events_job_id_id", "job_id", "id"),
+    sa.Index("ix_events_task_id_id", "task_id", "id"),
+)

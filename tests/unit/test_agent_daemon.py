@@ -1,0 +1,441 @@
+"""The agent daemon against an in-memory fake master (real processes, no HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from herder.agent.daemon import Agent, AgentConfig, Backoff
+from herder.api_models import (
+    AgentRegister,
+    AgentView,
+    ClaimRequest,
+    ClaimResponse,
+    Completion,
+    CompletionResult,
+    Heartbeat,
+    HeartbeatResponse,
+    LogChunk,
+    Offer,
+    RequiredFile,
+)
+from herder.client import NoMasterAvailable, StaleAttemptError
+
+
+class FakeMaster:
+    """Just enough of HerderClient; checks the agent never over-claims."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.lock = threading.Condition()
+        self.queue: list[dict[str, Any]] = []
+        self.next_attempt = 100
+        self.outstanding: set[int] = set()
+        self.in_flight = 0
+        self.violations: list[str] = []
+        self.claims: list[ClaimRequest] = []
+        self.completions: dict[int, Completion] = {}
+        self.acks: list[int] = []
+        self.ack_calls: list[int] = []
+        self.logs: dict[int, list[LogChunk]] = {}
+        self.heartbeats: list[Heartbeat] = []
+        self.blobs: dict[str, bytes] = {}
+        self.registrations: list[AgentRegister] = []
+        self.cancel_next: list[int] = []
+        self.stale_ids: set[int] = set()
+        self.fail_claims = 0  # the next N claims raise NoMasterAvailable
+        self.offers: dict[int, Offer] = {}
+
+    # -- test helpers
+    def add(self, command: str | list[str], **kw: Any) -> None:
+        with self.lock:
+            self.queue.append({"command": command, **kw})
+            self.lock.notify_all()
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if pred():
+                    return
+            time.sleep(0.01)
+        raise AssertionError("condition not reached")
+
+    def _offer(self, spec: dict[str, Any]) -> Offer:
+        self.next_attempt += 1
+        now = datetime.now(UTC)
+        o = Offer(
+            attempt_id=self.next_attempt,
+            token=f"tok{self.next_attempt}",
+            task_id=self.next_attempt,
+            job_id=1,
+            href="/x",
+            command=spec["command"],
+            env=spec.get("env", {}),
+            requires=spec.get("requires", []),
+            outputs=spec.get("outputs"),
+            timeout_s=spec.get("timeout_s"),
+            lease_expires_at=now + timedelta(seconds=30),
+            ack_deadline=now + timedelta(seconds=30),
+        )
+        self.offers[o.attempt_id] = o
+        return o
+
+    # -- client API
+    def register_agent(self, req: AgentRegister) -> AgentView:
+        self.registrations.append(req)
+        return AgentView(
+            id=req.agent_id or "agent-1",
+            href="/a",
+            name=req.name,
+            hostname=req.hostname,
+            slots=req.slots,
+            tags=req.tags,
+            cpus=req.cpus,
+            ram_mb=req.ram_mb,
+            state="online",
+            registered_at=datetime.now(UTC),
+            last_seen_at=None,
+        )
+
+    def claim(self, agent_id: str, req: ClaimRequest) -> ClaimResponse:
+        with self.lock:
+            self.claims.append(req)
+            if self.fail_claims > 0:
+                self.fail_claims -= 1
+                raise NoMasterAvailable("POST", "/claim", [])
+            results = []
+            for c in req.completions:
+                self.outstanding.discard(c.attempt_id)
+                stale = c.attempt_id in self.stale_ids or c.attempt_id in self.completions
+                if not stale:
+                    self.completions[c.attempt_id] = c
+                results.append(
+                    CompletionResult(
+                        attempt_id=c.attempt_id, result="stale" if stale else "accepted"
+                    )
+                )
+            self.acks.extend(req.acks)
+            if len(self.outstanding) + self.in_flight + req.max_tasks > self.slots:
+                self.violations.append(
+                    f"outstanding={len(self.outstanding)} in_flight={self.in_flight} ask={req.max_tasks}"
+                )
+            self.in_flight += req.max_tasks
+            try:
+                deadline = time.monotonic() + req.wait_s
+                while req.max_tasks and not self.queue and time.monotonic() < deadline:
+                    self.lock.wait(deadline - time.monotonic())
+                offers = [
+                    self._offer(self.queue.pop(0))
+                    for _ in range(min(req.max_tasks, len(self.queue)))
+                ]
+                self.outstanding.update(o.attempt_id for o in offers)
+            finally:
+                self.in_flight -= req.max_tasks
+            self.lock.notify_all()
+            return ClaimResponse(offers=offers, completions=results, lease_s=3.0)
+
+    def ack(self, attempt_id: int, token: str) -> None:
+        with self.lock:
+            self.ack_calls.append(attempt_id)
+
+    def append_log(self, attempt_id: int, token: str, chunks: list[LogChunk]) -> None:
+        with self.lock:
+            if attempt_id in self.stale_ids:
+                raise StaleAttemptError(409, "stale_attempt", "stale")
+            self.logs.setdefault(attempt_id, []).extend(chunks)
+
+    def heartbeat(self, agent_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        with self.lock:
+            self.heartbeats.append(hb)
+            cancel, self.cancel_next = self.cancel_next, []
+        return HeartbeatResponse(cancel=cancel, lease_s=3.0)
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        return [d for d in digests if d not in self.blobs]
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        assert hashlib.sha256(data).hexdigest() == digest
+        self.blobs[digest] = data
+
+    def download_blob(self, digest: str, dest: Path) -> None:
+        dest.write_bytes(self.blobs[digest])
+
+    def close(self) -> None:
+        pass
+
+    # -- views
+    def log_text(self, attempt_id: int, stream: str = "stdout") -> str:
+        shipped = "".join(c.data for c in self.logs.get(attempt_id, []) if c.stream == stream)
+        final = "".join(c.data for c in self.completions[attempt_id].log if c.stream == stream)
+        return shipped + final
+
+
+def make_config(tmp_path: Path, **kw: Any) -> AgentConfig:
+    defaults: dict[str, Any] = dict(
+        masters=["http://fake"],
+        slots=2,
+        name="t",
+        state_dir=tmp_path / "state",
+        poll_wait_s=0.3,
+        heartbeat_interval_s=0.2,
+        drain_timeout_s=5.0,
+        kill_grace_s=0.3,
+        log_interval_s=0.1,
+        ack_delay_s=0.5,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        delivery_timeout_s=3.0,
+    )
+    defaults.update(kw)
+    return AgentConfig(**defaults)
+
+
+class Running:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.rc = self.agent.run()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        self.agent.request_stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "agent did not stop"
+        return self.rc
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeMaster, Running]]]:
+    running: list[Running] = []
+
+    def _start(
+        slots: int = 2, master: FakeMaster | None = None, **kw: Any
+    ) -> tuple[FakeMaster, Running]:
+        fake = master or FakeMaster(slots)
+        agent = Agent(make_config(tmp_path, slots=slots, **kw), client=fake)
+        r = Running(agent)
+        running.append(r)
+        return fake, r
+
+    yield _start
+    for r in running:
+        if r.thread.is_alive():
+            r.stop()
+
+
+def test_runs_tasks_one_round_trip_each(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=2)
+    for i in range(8):
+        fake.add(f"echo out{i} > f{i}.txt")
+    fake.wait_for(lambda: len(fake.completions) == 8)
+    assert run.stop() == 0
+    assert fake.violations == []
+    assert all(c.outcome == "exited" and c.exit_code == 0 for c in fake.completions.values())
+    for c in fake.completions.values():
+        assert len(c.outputs) == 1
+        assert fake.blobs[c.outputs[0].digest].startswith(b"out")
+    # every completion rode on a claim; short tasks need no separate ack request
+    assert fake.ack_calls == []
+    with_completions = [c for c in fake.claims if c.completions]
+    assert sum(len(c.completions) for c in with_completions) == 8
+    # the agent's sandboxes are gone after delivery
+    work = run.agent.config.work_root
+    assert work is not None and [p.name for p in work.iterdir()] == []
+
+
+def test_slots_never_overclaimed_under_load(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=3)
+    for _ in range(30):
+        fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 30)
+    run.stop()
+    assert fake.violations == []
+    assert max(c.max_tasks for c in fake.claims) <= 3
+
+
+def test_long_task_is_acked_and_logs_stream(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1, ack_delay_s=0.2)
+    fake.add("echo first; sleep 1; echo second; echo err >&2")
+    fake.wait_for(lambda: bool(fake.ack_calls) or bool(fake.acks))
+    fake.wait_for(lambda: bool(fake.logs))
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    run.stop()
+    (aid,) = fake.completions
+    assert fake.log_text(aid) == "first\nsecond\n"
+    assert fake.log_text(aid, "stderr") == "err\n"
+    assert "".join(c.data for c in fake.logs[aid]).startswith("first\n")
+
+
+def test_heartbeat_reports_running_and_usage(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1)
+    fake.add("sleep 0.8")
+    fake.wait_for(lambda: any(hb.running for hb in fake.heartbeats))
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    run.stop()
+    hb = next(hb for hb in fake.heartbeats if hb.running)
+    assert hb.usage is not None and hb.usage.ram_total_mb and hb.usage.disk_free_mb is not None
+
+
+def test_heartbeat_cancel_kills_and_discards(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1)
+    fake.add("sleep 100 & sleep 100")
+    fake.wait_for(lambda: bool(fake.outstanding))
+    (aid,) = fake.outstanding
+    fake.wait_for(
+        lambda: (
+            run.agent._attempts.get(aid) is not None
+            and run.agent._attempts[aid].execution is not None
+        )
+    )
+    ex = run.agent._attempts[aid].execution
+    assert ex is not None
+    fake.wait_for(lambda: ex.pgid is not None)
+    with fake.lock:
+        fake.cancel_next = [aid]
+    fake.wait_for(lambda: run.agent.running_attempts() == [], timeout=5)
+    assert aid not in fake.completions
+    assert ex.pgid is not None
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.killpg(ex.pgid, 0)
+    # the freed slot is claimed again
+    fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    run.stop()
+
+
+def test_stale_log_kills_attempt(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=1)
+    fake.stale_ids.add(fake.next_attempt + 1)
+    fake.add("while true; do echo tick; sleep 0.05; done")
+    fake.wait_for(
+        lambda: bool(fake.claims) and run.agent.running_attempts() == [] and len(fake.offers) == 1
+    )
+    assert fake.completions == {}
+    run.stop()
+
+
+def test_drain_lets_running_task_finish(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=1)
+    fake.add("sleep 0.6; echo done > result")
+    fake.wait_for(lambda: bool(fake.outstanding))
+    time.sleep(0.1)
+    assert run.stop() == 0
+    (c,) = fake.completions.values()
+    assert (c.outcome, c.exit_code) == ("exited", 0)
+    assert [o.path for o in c.outputs] == ["result"]
+    assert any(hb.draining for hb in fake.heartbeats)
+
+
+def test_drain_timeout_releases(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=2, drain_timeout_s=0.3)
+    fake.add("sleep 100")
+    fake.add("sleep 100")
+    fake.wait_for(lambda: len(fake.outstanding) == 2)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert run.stop() == 0
+    assert time.monotonic() - t0 < 5
+    assert len(fake.completions) == 2
+    assert {c.outcome for c in fake.completions.values()} == {"released"}
+
+
+def test_master_unreachable_then_back(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake = FakeMaster(2)
+    fake.fail_claims = 5
+    fake.add("echo x")
+    fake, run = start(slots=2, master=fake)
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    # a completion whose delivery fails is kept and delivered later
+    with fake.lock:
+        fake.fail_claims = 3
+    fake.add("echo y")
+    fake.wait_for(lambda: len(fake.completions) == 2)
+    run.stop()
+    assert fake.violations == []
+
+
+def test_stale_completion_discarded(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=1)
+    fake.stale_ids.add(fake.next_attempt + 1)
+    fake.add("true")
+    fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    run.stop()
+    assert run.agent.stats["stale"] == 1
+    assert run.agent.running_attempts() == []
+
+
+def test_requires_downloaded_via_client(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake = FakeMaster(1)
+    data = b"input data\n"
+    digest = hashlib.sha256(data).hexdigest()
+    fake.blobs[digest] = data
+    fake.add("cat in/put > copy", requires=[RequiredFile(path="in/put", digest=digest)])
+    fake.add(["sh", "-c", "exit 4"])
+    fake.add("no-such-program-q")
+    fake, run = start(slots=1, master=fake)
+    fake.wait_for(lambda: len(fake.completions) == 3)
+    run.stop()
+    cs = sorted(fake.completions.values(), key=lambda c: c.attempt_id)
+    assert [o.path for o in cs[0].outputs] == ["copy"] and cs[0].outputs[0].digest == digest
+    assert (cs[1].outcome, cs[1].exit_code) == ("exited", 4)
+    assert (cs[2].outcome, cs[2].exit_code) == ("exited", 127)
+
+
+def test_timeout_reported(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=1)
+    fake.add("sleep 100", timeout_s=0.3)
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    run.stop()
+    (c,) = fake.completions.values()
+    assert c.outcome == "timeout" and c.error == "timed out after 0.3s"
+
+
+def test_registration_keeps_id(tmp_path: Path) -> None:
+    fake = FakeMaster(1)
+    cfg = make_config(tmp_path)
+    a = Agent(cfg, client=fake)
+    assert a.register() and a.agent_id == "agent-1"
+    b = Agent(cfg, client=fake)
+    assert b.register()
+    assert [r.agent_id for r in fake.registrations] == [None, "agent-1"]
+    assert (cfg.state_dir / "agent.json").exists()
+
+
+def test_backoff_capped() -> None:
+    b = Backoff(0.1, 1.0)
+    delays = [b.next() for _ in range(10)]
+    assert all(0.05 <= d <= 1.0 for d in delays)
+    assert delays[-1] >= 0.5
+    assert b.next(at_least=5.0) == 5.0
+    b.reset()
+    assert b.next() <= 0.1
+
+
+def test_config_defaults(tmp_path: Path) -> None:
+    cfg = AgentConfig(masters=["http://m:1"], state_dir=tmp_path / "s")
+    assert cfg.work_root == tmp_path / "s" / "work"
+    assert cfg.slots >= 1 and cfg.poll_wait_s == 20.0 and cfg.drain_timeout_s == 30.0
+    with pytest.raises(ValueError):
+        AgentConfig(masters=["x"], slots=0)
