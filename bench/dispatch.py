@@ -33,7 +33,21 @@ def bench_xargs(n: int, parallel: int) -> float:
     return time.perf_counter() - start
 
 
-def bench_herder(n: int, slots: int, agents: int, db: str | None, workdir: Path) -> tuple[float, float]:
+def _cpu(pid: int) -> float:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        total = proc.cpu_times().user + proc.cpu_times().system
+        total += proc.cpu_times().children_user + proc.cpu_times().children_system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def bench_herder(
+    n: int, slots: int, agents: int, db: str | None, workdir: Path
+) -> tuple[float, float, dict[str, float]]:
     with LocalFarm(db_url=db, workdir=workdir) as farm:
         farm.start_master()
         per_agent = max(1, slots // agents)
@@ -43,6 +57,8 @@ def bench_herder(n: int, slots: int, agents: int, db: str | None, workdir: Path)
         spec = JobSubmit.model_validate(
             {"name": "dispatch", "stages": [{"name": "s", "tasks": [{"command": "true"}] * n}]}
         )
+        procs = {"master": farm.master} | {f"agent{i}": p for i, p in enumerate(farm.agents)}
+        cpu0 = {k: _cpu(p.pid) for k, p in procs.items() if p is not None}
         with HerderClient(farm.url) as client:
             t0 = time.perf_counter()
             job = client.submit_job(spec)
@@ -56,7 +72,8 @@ def bench_herder(n: int, slots: int, agents: int, db: str | None, workdir: Path)
                 sys.exit(f"benchmark job ended {summary.state}: {summary.counts}")
             assert summary.finished_at is not None
             db_elapsed = (summary.finished_at - summary.created_at).total_seconds()
-        return db_elapsed, wall
+        cpu = {k: _cpu(p.pid) - cpu0[k] for k, p in procs.items() if p is not None}
+        return db_elapsed, wall, cpu
 
 
 def main() -> None:
@@ -68,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="herder-bench-") as tmp:
-        herder_s, wall_s = bench_herder(args.tasks, args.slots, args.agents, args.db, Path(tmp))
+        herder_s, wall_s, cpu = bench_herder(args.tasks, args.slots, args.agents, args.db, Path(tmp))
     xargs_s = bench_xargs(args.tasks, args.slots)
     herder_rate = args.tasks / herder_s
     xargs_rate = args.tasks / xargs_s
@@ -76,6 +93,8 @@ def main() -> None:
     print(f"xargs -P{args.slots}:   {xargs_s:7.3f} s  {xargs_rate:8.1f} tasks/s")
     print(f"herder:      {herder_s:7.3f} s  {herder_rate:8.1f} tasks/s  (wall incl. submit+poll {wall_s:.3f} s)")
     print(f"ratio herder/xargs: {herder_rate / xargs_rate:.3f}x")
+    per_task = ", ".join(f"{k} {v * 1000 / args.tasks:.2f} ms" for k, v in cpu.items())
+    print(f"CPU per task (incl. children): {per_task}")
 
 
 if __name__ == "__main__":

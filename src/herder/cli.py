@@ -21,7 +21,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err = Console(stderr=True)
 
 MasterOpt = Annotated[
     str,
@@ -37,7 +36,8 @@ def _masters(value: str) -> list[str]:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    # Plain write: an error is one line, never wrapped to the terminal width.
+    print(f"error: {message}", file=sys.stderr, flush=True)
     raise typer.Exit(code)
 
 
@@ -273,10 +273,10 @@ def run(
     try:
         parsed = load_rakefile(rakefile)
     except RakefileError as exc:
-        err.print(str(exc), highlight=False, markup=False)
+        print(str(exc), file=sys.stderr, flush=True)
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"{rakefile}: cannot read: {exc.strerror or exc}", highlight=False, markup=False)
+        print(f"{rakefile}: cannot read: {exc.strerror or exc}", file=sys.stderr, flush=True)
         raise typer.Exit(2) from None
     workdir = (chdir or Path.cwd()).resolve()
     if not workdir.is_dir():

@@ -125,7 +125,7 @@ def test_binary_output_round_trips_byte_for_byte(farm: LocalFarm, tmp_path: Path
 @pytest.mark.parametrize(
     ("text", "where", "what"),
     [
-        ("\techo hi\n", "Rakefile:1:1", "actionset"),
+        ("\techo hi\n", "Rakefile:1:", "actionset"),
         ("a:\n    echo spaces\n", "Rakefile:2:1", "tab"),
         ("a:\n\t\trequires x.c\n", "Rakefile:2:", "requires"),
         ("PORT = lots\na:\n\techo hi\n", "Rakefile:1:", "PORT"),

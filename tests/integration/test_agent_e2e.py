@@ -214,7 +214,7 @@ def test_agent_restart_keeps_id_and_sigterm_releases(
         assert task.state == "queued", task
         assert task.failures == 0
         # a restarted agent keeps its id and picks the task up again
-        start_agent("--slots", "1")
+        start_agent("--slots", "1", "--drain-timeout", "0.5", name="a1")
         deadline = time.monotonic() + 20
         while c.get_job(job.id).stages[0].tasks[0].state != "running":
             assert time.monotonic() < deadline

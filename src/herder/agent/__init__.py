@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from herder.agent.daemon import Agent, AgentConfig, run_agent
 from herder.agent.executor import (
     BlobCache,
     ExecResult,
@@ -12,10 +13,13 @@ from herder.agent.executor import (
 )
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "BlobCache",
     "ExecResult",
     "ExecSpec",
     "Execution",
     "Executor",
     "StagingError",
+    "run_agent",
 ]

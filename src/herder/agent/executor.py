@@ -234,6 +234,7 @@ class Execution:
         self._snapshot: Snapshot = {}
         self._linked: dict[str, Path] = {}  # staged by hard link: relpath -> cache path
         self._t0 = 0.0
+        self._spawned_at = 0.0
 
     # -- public -------------------------------------------------------------
 
@@ -286,6 +287,7 @@ class Execution:
             try:
                 self.proc = self._spawn()
                 self.pgid = self.proc.pid
+                self._spawned_at = time.monotonic()
                 self.executor._register(self)
             except _CommandNotRunnable as exc:
                 self._append_stderr(f"herder: {exc.msg}\n")
@@ -303,24 +305,21 @@ class Execution:
         proc = self.proc
         assert proc is not None, "start() first"
         assert self.pgid is not None
-        timed_out = False
         timeout = self.spec.timeout_s
+        timer: threading.Timer | None = None
+        if timeout is not None:
+            # Blocking wait plus a timer: no polling latency on the hot path.
+            remaining = max(timeout - (time.monotonic() - self._spawned_at), 0.0)
+            timer = threading.Timer(
+                remaining, self.cancel, ("timeout", f"timed out after {timeout:g}s")
+            )
+            timer.daemon = True
+            timer.start()
         try:
-            if timeout is None:
-                proc.wait()
-            else:
-                remaining = timeout - (time.monotonic() - self._t0)
-                try:
-                    proc.wait(timeout=max(remaining, 0))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    self._terminate_group()
-                    try:
-                        proc.wait(timeout=self.executor.kill_grace_s)
-                    except subprocess.TimeoutExpired:
-                        procs.signal_group(self.pgid, signal.SIGKILL)
-                        proc.wait()
+            proc.wait()
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 if self._kill_timer is not None:
                     self._kill_timer.cancel()
@@ -330,11 +329,7 @@ class Execution:
         rc = proc.returncode
         with self._lock:
             cancel = self._cancel
-        if timed_out:
-            res = ExecResult(
-                "timeout", exit_code=_shell_code(rc), error=f"timed out after {timeout:g}s"
-            )
-        elif cancel is not None:
+        if cancel is not None:
             res = ExecResult(cancel[0], exit_code=_shell_code(rc), error=cancel[1])
         else:
             error = None if rc >= 0 else f"killed by {_signame(-rc)}"

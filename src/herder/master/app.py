@@ -182,6 +182,15 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
 
     @app.post("/api/v1/jobs", response_model=JobView, status_code=201, responses=ERRORS)
     async def submit_job(spec: JobSubmit) -> Response:
+        for si, stage in enumerate(spec.stages):
+            for ti, task in enumerate(stage.tasks):
+                if task.placement == "local":
+                    # Local actions run on the submitting machine (`herder run`
+                    # runs them itself); no agent may claim them.
+                    raise InvalidRequest(
+                        f"stages.{si}.tasks.{ti}.placement: 'local' tasks run on the submitting "
+                        "client and cannot be queued on a farm; submit remote tasks only"
+                    )
         job, created = await call(store.submit_job, spec)
         notifier.notify()
         return _json(job, 201 if created else 200)

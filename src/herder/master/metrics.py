@@ -4,8 +4,8 @@ average request time. A pure ASGI middleware keeps the per-request cost tiny."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send

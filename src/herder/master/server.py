@@ -6,6 +6,7 @@ import logging
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from herder.master.app import MasterConfig, create_app
 from herder.store import Store
@@ -14,8 +15,12 @@ log = logging.getLogger("herder.master")
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app = self.config.app
+        app = self.app
         app.state.stopping = True
         # Signal handlers run on the loop's thread under uvicorn; wake every
         # long-poll so in-flight claims answer and graceful shutdown is quick.
@@ -48,7 +53,8 @@ def serve(
                 # A long-polling agent is one coroutine, not a thread: thousands fit.
                 limit_concurrency=None,
                 backlog=4096,
-            )
+            ),
+            app,
         )
         server.run()
     finally:
