@@ -348,13 +348,21 @@ class RichReporter(PlainReporter):
         super().finish(sets, ok, elapsed)
 
 
-def embedded_farm(slots: int, workdir: Path | None = None) -> tuple[object, str]:
-    """Start a master on SQLite and one local agent; return (farm, url)."""
+def embedded_farm(slots: int, state_dir: Path) -> tuple[object, str]:
+    """Start a master on SQLite and one local agent; return (farm, url).
+
+    The database lives in ``state_dir`` (``.herder/`` of the working
+    directory) and outlives the run, so ``herder status`` and ``herder logs``
+    there can inspect the build afterwards.
+    """
     from herder.localfarm import LocalFarm
 
-    base = Path(tempfile.mkdtemp(prefix="herder-run-")) if workdir is None else workdir
-    farm = LocalFarm(workdir=base, lease_s=30, ack_timeout_s=30)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    runtime = Path(tempfile.mkdtemp(prefix="herder-run-"))
+    farm = LocalFarm(
+        db_url=f"sqlite:///{state_dir / 'herder.db'}", workdir=runtime, lease_s=30, ack_timeout_s=30
+    )
     farm.start_master()
-    farm.start_agent(slots=slots, name="local")
+    farm.start_agent(slots=slots, name="local", state_dir=state_dir / "agent")
     farm.wait_agents(1)
     return farm, farm.url

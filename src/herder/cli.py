@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -143,9 +144,17 @@ def submit(
         _fail(f"{jobfile}: {exc}", 2)
         return
     assert isinstance(spec.job, JobSubmit)
+    import uuid
+
+    # A fresh idempotency key per invocation (unless the job file sets one):
+    # the client resends the submission after an ambiguous failure, and the
+    # master answers a resend with the same job, never a second one.
+    job_spec = spec.job
+    if job_spec.idempotency_key is None:
+        job_spec = job_spec.model_copy(update={"idempotency_key": f"cli-{uuid.uuid4()}"})
     with _client(master) as client:
         _call(spec.upload, client)
-        job = _call(client.submit_job, spec.job)
+        job = _call(client.submit_job, job_spec)
         console.print(f"job {job.id} {job.state} {job.href}", highlight=False)
         if wait:
             while job.state not in ("succeeded", "failed", "cancelled"):
@@ -253,6 +262,29 @@ def agents(
 
 
 @app.command()
+def drain(
+    agent_id: Annotated[str, typer.Argument(help="The agent to drain (see `herder agents`).")],
+    master: MasterOpt = "http://127.0.0.1:6240",
+    undo: Annotated[
+        bool, typer.Option("--undo", help="Undrain: let the agent take new work again.")
+    ] = False,
+) -> None:
+    """Drain an agent: no new work; it exits once its running tasks are done and reported."""
+    from herder.api_models import AgentView
+
+    action = "undrain" if undo else "drain"
+    with _client(master) as client:
+        view = _call(
+            client._call,  # no HerderClient method for it yet: the generic request loop
+            AgentView,
+            "POST",
+            f"/agents/{agent_id}/{action}",
+            idempotent=True,
+        )
+        console.print(f"agent {view.id} {view.state}", highlight=False)
+
+
+@app.command()
 def run(
     rakefile: Annotated[Path, typer.Argument(help="The Rakefile to build.")] = Path("Rakefile"),
     master: Annotated[
@@ -286,7 +318,7 @@ def run(
         if master:
             urls = _masters(master)
         else:
-            farm, url = embedded_farm(slots or os.cpu_count() or 1)
+            farm, url = embedded_farm(slots or os.cpu_count() or 1, workdir / ".herder")
             urls = [url]
         reporter: Reporter = RichReporter() if console.is_terminal and not plain else PlainReporter()
         with HerderClient(urls) as client:
@@ -300,6 +332,7 @@ def run(
     finally:
         if farm is not None:
             farm.close()  # type: ignore[attr-defined]
+            shutil.rmtree(farm.workdir, ignore_errors=True)  # type: ignore[attr-defined]
     raise typer.Exit(0 if ok else 1)
 
 
