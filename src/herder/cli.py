@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +29,17 @@ MasterOpt = Annotated[
     str,
     typer.Option("--master", "-m", envvar="HERDER_MASTER", help="Master URL(s), comma-separated."),
 ]
+InspectMasterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--master",
+        "-m",
+        envvar="HERDER_MASTER",
+        help="Master URL(s), comma-separated. Without it: the state `herder run` left in "
+        "./.herder, else http://127.0.0.1:6240.",
+    ),
+]
+DEFAULT_MASTER = "http://127.0.0.1:6240"
 
 
 def _masters(value: str) -> list[str]:
@@ -105,10 +118,31 @@ def agent(
     raise typer.Exit(run_agent(AgentConfig(**kwargs)))
 
 
-def _client(master: str) -> Any:
+@contextlib.contextmanager
+def _client(master: str | None) -> Iterator[Any]:
+    """A client for --master, or for the embedded farm state of `herder run`."""
     from herder.client import HerderClient
 
-    return HerderClient(_masters(master))
+    farm = None
+    state = Path.cwd() / ".herder" / "herder.db"
+    if master:
+        urls = _masters(master)
+    elif state.is_file():
+        from herder.localfarm import LocalFarm
+
+        # Serve the saved state with a short-lived master: the CLI keeps
+        # talking HTTP through the one client library, whatever the source.
+        farm = LocalFarm(db_url=f"sqlite:///{state}")
+        farm.start_master()
+        urls = [farm.url]
+    else:
+        urls = [DEFAULT_MASTER]
+    try:
+        with HerderClient(urls) as client:
+            yield client
+    finally:
+        if farm is not None:
+            farm.close()
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -168,7 +202,7 @@ def submit(
 @app.command()
 def status(
     job_id: Annotated[int | None, typer.Argument(help="A job id; all recent jobs without it.")] = None,
-    master: MasterOpt = "http://127.0.0.1:6240",
+    master: InspectMasterOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show jobs, or one job with its stages and tasks."""
@@ -202,7 +236,7 @@ def status(
 def logs(
     job_id: Annotated[int, typer.Argument(help="The job.")],
     task_id: Annotated[int | None, typer.Argument(help="One task of it (all without it).")] = None,
-    master: MasterOpt = "http://127.0.0.1:6240",
+    master: InspectMasterOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output.")] = False,
 ) -> None:
     """Print the stdout and stderr of a job's tasks (their latest attempts)."""
@@ -232,7 +266,7 @@ def logs(
 @app.command()
 def cancel(
     job_id: Annotated[int, typer.Argument(help="The job to cancel.")],
-    master: MasterOpt = "http://127.0.0.1:6240",
+    master: InspectMasterOpt = None,
 ) -> None:
     """Cancel a job: its queued tasks never start, running ones are stopped."""
     with _client(master) as client:
@@ -242,7 +276,7 @@ def cancel(
 
 @app.command()
 def agents(
-    master: MasterOpt = "http://127.0.0.1:6240",
+    master: InspectMasterOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the agents registered with the farm and their resource usage."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,17 @@ def test_sum_of_squares_n40_embedded(tmp_path: Path) -> None:
     assert (tmp_path / "program40").exists() and os.access(tmp_path / "program40", os.X_OK)
     assert subprocess.run([str(tmp_path / "program40")], capture_output=True, text=True).stdout == f"{expected}\n"
     assert "build succeeded" in r.stdout
+
+    # The embedded farm's state outlives the run: status and logs read it.
+    st = herder("status", "--json", cwd=tmp_path)
+    assert st.returncode == 0, st.stderr
+    jobs = json.loads(st.stdout)
+    assert sorted(j["name"].split(": ")[1] for j in jobs) == ["compile-functions", "compile-program", "link"]
+    assert {j["state"] for j in jobs} == {"succeeded"}
+    compile_job = next(j for j in jobs if j["name"].endswith("compile-functions"))
+    assert compile_job["counts"].get("succeeded") == 40
+    lg = herder("logs", str(compile_job["id"]), cwd=tmp_path)
+    assert lg.returncode == 0, lg.stderr
 
 
 def test_sum_of_squares_against_a_running_farm(farm: LocalFarm, tmp_path: Path) -> None:
