@@ -17,11 +17,12 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from herder.api_models import JobSubmit, JobView, StageSpec, TaskSpec, TaskView
+from herder.api_models import JobSubmit, JobView, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.paths import resolve_inside
 from herder.rakefile import Action, Actionset, Rakefile
@@ -196,67 +197,89 @@ class Build:
             self.reporter.action_started(run, t.run_)
         remote = {a.task_id: a for a in run.actions if a.action.remote}
         pending_local = set(locals_)
+        fetching: dict[Future[None], ActionRun] = {}
+        after = 0
         failed = False
-        while True:
-            for t in list(pending_local):
-                if not t.is_alive():
-                    pending_local.discard(t)
-                    self.reporter.action_finished(run, t.run_)
-                    failed |= t.run_.state != "succeeded"
-            if job is not None and any(a.state not in ("succeeded", "failed", "cancelled") for a in remote.values()):
-                job = self.client.get_job(job.id)
-                for task in job.stages[0].tasks:
-                    a = remote[task.id]
-                    if a.state in ("succeeded", "failed", "cancelled"):
-                        continue
-                    if task.state in ("offered", "running") and a.state == "queued":
-                        a.state, a.started = "running", time.monotonic()
-                        self.reporter.action_started(run, a)
-                    elif task.state in ("succeeded", "failed", "cancelled"):
-                        self._finish_remote(a, task)
-                        self.reporter.action_finished(run, a)
-                        failed |= a.state != "succeeded"
-            remote_done = all(a.state in ("succeeded", "failed", "cancelled") for a in remote.values())
+        # Outputs and logs of finished tasks are fetched in parallel, so one
+        # slow download does not hold up noticing the next task's end.
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch") as pool:
+            while True:
+                for t in list(pending_local):
+                    if not t.is_alive():
+                        pending_local.discard(t)
+                        self.reporter.action_finished(run, t.run_)
+                        failed |= t.run_.state != "succeeded"
+                if job is not None:
+                    # Follow the job through its event log: each poll costs
+                    # only what changed, not the whole job's view.
+                    while True:
+                        events = self.client.job_events(job.id, after=after)
+                        for ev in events:
+                            after = ev.id
+                            a = remote.get(ev.task_id)
+                            if a is None or a.state not in ("queued", "running"):
+                                continue
+                            if ev.to_state in ("offered", "running") and a.state == "queued":
+                                a.state, a.started = "running", time.monotonic()
+                                self.reporter.action_started(run, a)
+                            elif ev.to_state in _TERMINAL:
+                                a.state = "fetching"
+                                fetching[pool.submit(self._fetch_remote, a)] = a
+                        if len(events) < 1000:
+                            break
+                for fut in [f for f in fetching if f.done()]:
+                    a = fetching.pop(fut)
+                    fut.result()
+                    self.reporter.action_finished(run, a)
+                    failed |= a.state != "succeeded"
+                remote_done = all(a.state in _TERMINAL for a in remote.values())
+                if failed or (not pending_local and remote_done):
+                    break
+                self.reporter.refresh(self.sets)
+                time.sleep(self.poll_s)
             if failed:
-                break
-            if not pending_local and remote_done:
-                break
-            self.reporter.refresh(self.sets)
-            time.sleep(self.poll_s)
-        if failed:
-            # No later actionset starts; stop what still runs of this one.
-            if job is not None and job.state not in ("succeeded", "failed", "cancelled"):
-                try:
-                    self.client.cancel_job(job.id)
-                except Exception:  # the failure report matters more than the cancel
-                    pass
-            for t in pending_local:
-                t.kill()
-                t.join(5)
-            for a in run.actions:
-                if a.state in ("queued", "running"):
-                    a.state = "cancelled"
-            return False
+                # No later actionset starts; stop what still runs of this one.
+                if job is not None:
+                    try:
+                        self.client.cancel_job(job.id)
+                    except Exception:  # the failure report matters more than the cancel
+                        pass
+                for t in pending_local:
+                    t.kill()
+                    t.join(5)
+                for fut in list(fetching):
+                    a = fetching.pop(fut)
+                    fut.result()
+                    self.reporter.action_finished(run, a)
+                for a in run.actions:
+                    if a.state in ("queued", "running"):
+                        a.state = "cancelled"
+                return False
         return True
 
-    def _finish_remote(self, a: ActionRun, task: TaskView) -> None:
+    def _fetch_remote(self, a: ActionRun) -> None:
+        assert a.task_id is not None
+        task = self.client.get_task(a.task_id)
         a.finished = time.monotonic()
         if a.started is None:
             a.started = a.finished
-        a.state = task.state
         a.exit_code = task.exit_code
         a.error = task.error
-        if not task.attempts:
-            return
-        attempt = task.attempts[-1]
-        a.stdout = self.client.read_full_log(attempt.id, "stdout")
-        a.stderr = self.client.read_full_log(attempt.id, "stderr")
-        if task.state == "succeeded":
-            for out in attempt.outputs:
-                dest = resolve_inside(self.workdir, out.path)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_blob(out.digest, dest)
-                os.chmod(dest, out.mode)
+        if task.attempts:
+            attempt = task.attempts[-1]
+            a.stdout = self.client.read_full_log(attempt.id, "stdout")
+            a.stderr = self.client.read_full_log(attempt.id, "stderr")
+            if task.state == "succeeded":
+                for out in attempt.outputs:
+                    dest = resolve_inside(self.workdir, out.path)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    self.client.download_blob(out.digest, dest)
+                    os.chmod(dest, out.mode)
+        # Set last: the action counts as finished only once its files are here.
+        a.state = task.state
+
+
+_TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # ---------------------------------------------------------------- reporting
