@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -105,6 +105,13 @@ class MasterFailure(NamedTuple):
     url: str
     when: float
     kind: str  # unreachable, timeout, broken, busy, gateway
+    request: str = ""  # the request that failed: "METHOD /api/v1/path"
+
+
+class MasterSource(Protocol):
+    """Where a client finds masters besides its configured list (``herder.client.discovery``)."""
+
+    def candidates(self) -> list[str]: ...
 
 
 class _EventList(BaseModel):
@@ -129,6 +136,7 @@ class _LoopState:
     priority: bool = False
     attempts: list[AttemptRecord] = field(default_factory=list)
     retry_after: float | None = None
+    request: str = ""  # "METHOD path" of the current command, for failure records
 
     def knows(self, url: str) -> bool:
         return url in self.to_try or url in self.tried or url in self.dead
@@ -251,12 +259,17 @@ class HerderClient:
     ``masters`` is one URL, a comma/space separated string of URLs, or a
     sequence of URLs (``http://host:port``; ``/api/v1`` is added). Use as a
     context manager or call :meth:`close`.
+
+    ``discovery`` (e.g. :class:`herder.client.discovery.MasterDiscovery`)
+    adds masters found at request time after the configured ones; with it,
+    ``masters`` may be omitted.
     """
 
     def __init__(
         self,
-        masters: str | Sequence[str],
+        masters: str | Sequence[str] | None = None,
         *,
+        discovery: MasterSource | None = None,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 30.0,
         token: str | None = None,
@@ -265,7 +278,10 @@ class HerderClient:
         max_connections: int = 100,
         keepalive_expiry: float = 4.0,
     ) -> None:
-        self._masters = _split_masters(masters)
+        if masters is None and discovery is None:
+            raise ValueError("give masters, a discovery, or both")
+        self._masters = _split_masters(masters) if masters is not None else []
+        self._discovery = discovery
         self._timeout = float(timeout)
         headers = {"user-agent": user_agent, "accept": "application/json"}
         if token:
@@ -303,8 +319,24 @@ class HerderClient:
 
     @property
     def masters(self) -> list[str]:
-        """The configured masters (normalized base URLs)."""
-        return list(self._masters)
+        """The configured masters, then those the discovery finds (normalized base URLs)."""
+        return self._current_masters()
+
+    @property
+    def discovery(self) -> MasterSource | None:
+        return self._discovery
+
+    def _current_masters(self) -> list[str]:
+        out = list(self._masters)
+        if self._discovery is not None:
+            for url in self._discovery.candidates():
+                try:
+                    norm = normalize_master_url(url)
+                except ValueError:
+                    continue
+                if norm not in out:
+                    out.append(norm)
+        return out
 
     @property
     def preferred(self) -> str | None:
@@ -324,9 +356,9 @@ class HerderClient:
             self._failures.clear()
             return out
 
-    def _record_failure(self, url: str, kind: str) -> None:
+    def _record_failure(self, url: str, kind: str, request: str = "") -> None:
         with self._lock:
-            self._failures.append(MasterFailure(url, time.time(), kind))
+            self._failures.append(MasterFailure(url, time.time(), kind, request))
 
     # ---------------------------------------------------------- request loop
 
@@ -365,10 +397,12 @@ class HerderClient:
             )
         cmd = _Command(method.upper(), _api_path(path), body, headers, params, idempotent)
         preferred = self._preferred
-        to_try = list(self._masters)
+        to_try = self._current_masters()
+        if not to_try:
+            raise NoMasterAvailable(cmd.method, cmd.path, [])
         if preferred is not None:
             to_try = [preferred, *(m for m in to_try if m != preferred)]
-        state = _LoopState(to_try=to_try)
+        state = _LoopState(to_try=to_try, request=f"{cmd.method} {cmd.path}")
         timeout_value: httpx.Timeout | float = self._timeout if timeout is None else timeout
         continuations = 0
         retried_same: set[str] = set()
@@ -425,7 +459,9 @@ class HerderClient:
                 # The request may have reached the server.
                 if not cmd.idempotent:
                     self._record_failure(
-                        server, "timeout" if isinstance(exc, httpx.TimeoutException) else "broken"
+                        server,
+                        "timeout" if isinstance(exc, httpx.TimeoutException) else "broken",
+                        state.request,
                     )
                     raise RequestOutcomeUnknown(cmd.method, server + cmd.path, exc) from exc
                 if server not in retried_same and not isinstance(exc, httpx.TimeoutException):
@@ -454,7 +490,7 @@ class HerderClient:
                         state.retry_after = (
                             ra if state.retry_after is None else min(ra, state.retry_after)
                         )
-                    self._record_failure(server, "busy")
+                    self._record_failure(server, "busy", state.request)
                     outcome = "busy"
                 else:
                     outcome = "no_service"
@@ -470,7 +506,7 @@ class HerderClient:
                     response.read()
                     response.close()
                 if not cmd.idempotent:
-                    self._record_failure(server, "gateway")
+                    self._record_failure(server, "gateway", state.request)
                     raise RequestOutcomeUnknown(
                         cmd.method,
                         server + cmd.path,
@@ -496,6 +532,7 @@ class HerderClient:
                         f"{cmd.method} {cmd.path}: more than {MAX_CONTINUATIONS} continuations"
                     )
                 cmd = self._continuation(_json_body(response), cmd)
+                state.request = f"{cmd.method} {cmd.path}"
                 state.add_alternates(_alternates_of(_json_body(response)), server, front=True)
                 state.priority = False
                 state.to_try.extend(state.tried)
@@ -522,7 +559,7 @@ class HerderClient:
         if dead and server not in state.dead:
             state.dead.append(server)
         if record:
-            self._record_failure(server, kind)
+            self._record_failure(server, kind, state.request)
         if self._preferred == server:
             self._preferred = None
 
