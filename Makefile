@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test check demo venv postgres bench clean
+.PHONY: test check demo venv postgres nginx bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ venv: $(STAMP)
 postgres:
 	@bash scripts/ensure-postgres.sh
 
+# nginx for the deployment example's test (tests/integration/test_deploy_nginx.py).
+nginx:
+	@bash scripts/ensure-nginx.sh
+
 check: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src/herder
 
-test: $(STAMP) postgres check
+test: $(STAMP) postgres nginx check
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
