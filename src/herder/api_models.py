@@ -290,6 +290,10 @@ class ClaimResponse(_Out):
     offers: list[Offer]
     completions: list[CompletionResult] = Field(default_factory=list)
     lease_s: float
+    drain: bool = Field(
+        default=False,
+        description="an operator drained this agent: no new offers; exit once idle",
+    )
 
 
 class AckRequest(_In):
@@ -316,6 +320,11 @@ class HeartbeatResponse(_Out):
     cancel: list[int] = Field(default_factory=list, description="attempt ids to kill")
     lease_expires_at: datetime | None = None
     lease_s: float
+    drain: bool = Field(
+        default=False,
+        description="an operator drained this agent (herder drain): it gets no new offers "
+        "and should exit once its running tasks have finished and been reported",
+    )
 
 
 class LogView(_Out):
@@ -362,3 +371,7 @@ class EventView(_Out):
     from_state: str | None
     to_state: str | None
     reason: str | None
+
+
+class EventList(_Out):
+    events: list[EventView]

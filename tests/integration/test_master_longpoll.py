@@ -56,9 +56,12 @@ def test_hundreds_of_long_polls_hold_no_threads_and_wake_on_submit(tmp_path: Pat
                 )
                 assert r.status_code == 201
                 results = await asyncio.gather(*polls)
-            # All polls were served at once: a thread per poll (a pool of 40)
+            # All polls were parked at once: a thread per poll (a pool of 40)
             # would serve 300 eight-second polls in batches, over a minute.
-            assert max(at for _, _, at in results) - started < 8 + 5
+            # (Arrivals spread over a few seconds on a loaded 2-core machine.)
+            spread = sorted(at - started for _, _, at in results)
+            print(f"poll answers after: min {spread[0]:.1f}s median {spread[len(spread) // 2]:.1f}s max {spread[-1]:.1f}s")
+            assert spread[-1] < 30
             winners = [(a, offers, at) for a, offers, at in results if offers]
             # Exactly three offers went out, each task to one agent only.
             assert len(winners) == 3

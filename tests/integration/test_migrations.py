@@ -56,7 +56,7 @@ def test_migrate_is_idempotent(db_url: str) -> None:
     try:
         with store.engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0001"
+        assert version == "0002"
     finally:
         store.close()
 
@@ -90,3 +90,35 @@ def test_sqlite_claim_index(tmp_path: object) -> None:
     assert "priority DESC, id" in normalized
     assert "WHERE state = 'queued' AND placement = 'remote'" in normalized
     assert "ix_tasks_claim" in plan and "TEMP B-TREE" not in plan
+
+
+def test_upgrade_0001_to_head_keeps_rows(db_url: str) -> None:
+    """0002 adds columns with defaults to tables that already hold rows."""
+    store = Store.open(db_url, migrate=False)
+    try:
+        store.migrate("0001")
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO agents (id, name, hostname, slots, tags, cpus, ram_mb, state,"
+                    " registered_at) VALUES ('old', 'old', 'h', 1, '[]', 1, 0, 'online',"
+                    " CURRENT_TIMESTAMP)"
+                )
+            )
+        store.migrate()
+        agent = store.get_agent("old")
+        assert agent.state in ("online", "offline")
+        with store.engine.connect() as conn:
+            drain = conn.execute(
+                sa.text("SELECT drain_requested FROM agents WHERE id = 'old'")
+            ).scalar_one()
+            version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert not drain and version == "0002"
+        store.set_drain("old", True)
+        with store.engine.connect() as conn:
+            assert conn.execute(
+                sa.text("SELECT drain_requested FROM agents WHERE id = 'old'")
+            ).scalar_one()
+    finally:
+        store.close()
+    assert _diff(db_url) == []

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Path, Query, Request
@@ -36,6 +39,7 @@ from herder.api_models import (
     Completion,
     CompletionResult,
     ErrorBody,
+    EventList,
     Heartbeat,
     HeartbeatResponse,
     JobList,
@@ -49,6 +53,7 @@ from herder.errors import HerderError, InvalidRequest
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.notify import WorkNotifier
 from herder.store import Store
+from herder.store.store import ClaimOutcome
 
 log = logging.getLogger("herder.master")
 
@@ -62,11 +67,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def default_master_id() -> str:
+    """A name for this master process (the maintenance lock's holder)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 @dataclass
 class MasterConfig:
     reap_interval_s: float = 1.0
-    # Long-polls re-check the database this often even without a wake-up, so
-    # work queued through another master is found without notifications.
+    # Maintenance (reaping) runs on one master at a time: the holder of the
+    # "reaper" lock row, renewed every round, taken over by another master
+    # once it has not been renewed for this long (database clock).
+    maintenance_ttl_s: float = 10.0
+    master_id: str = field(default_factory=default_master_id)
+    # While claims are parked, one cheap read this often looks for claimable
+    # work that no local wake-up announced (queued through another master)
+    # and wakes them; parked polls themselves cost nothing.
     recheck_interval_s: float = 1.0
     max_blob_bytes: int = 1 << 30
 
@@ -106,28 +122,74 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
         return await run_in_threadpool(fn, *args, **kwargs)
 
     async def reaper() -> None:
+        holding = False
         while True:
             await asyncio.sleep(cfg.reap_interval_s)
             try:
-                if await call(store.reap):
+                # Reaps only while holding the maintenance lock (taken or
+                # renewed in the reap's own transaction).
+                n = await call(store.maintain, cfg.master_id, cfg.maintenance_ttl_s)
+                if (n is not None) != holding:
+                    holding = n is not None
+                    log.info(
+                        "event=maintenance_lock %s master=%s",
+                        "acquired" if holding else "lost",
+                        cfg.master_id,
+                    )
+                app.state.maintenance = stats.maintenance = holding
+                if n:
+                    stats.reaped += n
                     notifier.notify()
             except Exception:  # keep reaping whatever one round did
                 stats.unhandled_exceptions += 1
                 log.exception("event=reap_failed")
 
+    def _claim_once(agent_id: str, body: ClaimRequest) -> Any:
+        # An idle poll with nothing to deliver first probes the claim index
+        # (a read) so it does not queue for the write lock only to find nothing.
+        if not body.completions and not body.acks and not store.has_claimable_work():
+            agent = store.get_agent(agent_id)  # NotFound for an unknown agent
+            return ClaimOutcome(drain=agent.state == "draining")
+        return store.claim(agent_id, body.max_tasks, body.completions, body.acks)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(cfg.recheck_interval_s)
+            if not notifier.waiters:
+                continue
+            try:
+                if await call(store.has_claimable_work):
+                    notifier.notify()
+            except Exception:
+                stats.unhandled_exceptions += 1
+                log.exception("event=recheck_failed")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Recovery on start (seeds/002): requeue unacknowledged offers and
-        # expired leases before serving any claim.
+        # expired leases before serving any claim (uvicorn accepts no request
+        # before the lifespan's startup is done). This reap does not wait for
+        # the maintenance lock: every requeue is a compare-and-set, so it is
+        # safe next to another master's reaper, and the start-up must not wait
+        # for a dead master's lock to time out.
         requeued = await call(store.reap)
-        log.info("event=master_started requeued=%d dialect=%s", requeued, store.dialect)
-        task = asyncio.create_task(reaper())
+        log.info(
+            "event=master_started requeued=%d dialect=%s master=%s",
+            requeued,
+            store.dialect,
+            cfg.master_id,
+        )
+        tasks = [asyncio.create_task(reaper()), asyncio.create_task(ticker())]
         try:
             yield
         finally:
-            task.cancel()
-            with_suppress = asyncio.gather(task, return_exceptions=True)
-            await with_suppress
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:  # hand maintenance over at once instead of after the TTL
+                await call(store.release_lock, cfg.master_id)
+            except Exception:
+                log.warning("event=maintenance_release_failed master=%s", cfg.master_id)
 
     app = FastAPI(
         title="herder master",
@@ -140,6 +202,8 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     app.state.notifier = notifier
     # Set on SIGTERM so long-polls answer at once and shutdown is not held up.
     app.state.stopping = False
+    app.state.maintenance = False
+    app.state.master_id = cfg.master_id
     app.add_middleware(StatsMiddleware, stats=stats)
 
     # ---------------------------------------------------------------- errors
@@ -212,15 +276,28 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     async def cancel_job(job_id: int) -> Response:
         return _json(await call(store.cancel_job, job_id, "cancelled by user"))
 
-    @app.get("/api/v1/jobs/{job_id}/events", responses=ERRORS)
+    @app.get("/api/v1/jobs/{job_id}/events", response_model=EventList, responses=ERRORS)
     async def job_events(
         job_id: int,
         after: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-    ) -> dict[str, Any]:
+    ) -> Response:
         await call(store.get_job, job_id)  # 404 for an unknown job
         events = await call(store.list_events, job_id=job_id, after_id=after, limit=limit)
-        return {"events": [e.model_dump(mode="json") for e in events]}
+        return _json(EventList(events=events))
+
+    @app.get("/api/v1/events", response_model=EventList, responses=ERRORS)
+    async def list_events(
+        job_id: int | None = None,
+        task_id: int | None = None,
+        after: Annotated[int, Query(ge=0, description="events with a larger id")] = 0,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> Response:
+        """Every recorded transition (task, from, to, reason, attempt, agent, time), by id."""
+        events = await call(
+            store.list_events, job_id=job_id, task_id=task_id, after_id=after, limit=limit
+        )
+        return _json(EventList(events=events))
 
     @app.get("/api/v1/tasks/{task_id}", response_model=TaskView, responses=ERRORS)
     async def get_task(task_id: int) -> Response:
@@ -285,27 +362,43 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     @app.post("/api/v1/agents/{agent_id}/claim", response_model=ClaimResponse, responses=ERRORS)
     async def claim(agent_id: str, body: ClaimRequest, request: Request) -> Response:
         deadline = time.monotonic() + body.wait_s
-        outcome = await call(store.claim, agent_id, body.max_tasks, body.completions, body.acks)
+        outcome = await call(_claim_once, agent_id, body)
         if outcome.woke:
             notifier.notify()
         results = outcome.results
         offers = outcome.offers
-        # Long-poll: nothing to offer yet, so wait for a wake-up (or the
-        # periodic re-check) without holding a thread.
+        # Long-poll: nothing to offer yet, so wait for a wake-up without
+        # holding a thread; only a wake-up triggers another claim.
         while not offers and body.max_tasks > 0 and not app.state.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or await request.is_disconnected():
                 break
-            await notifier.wait(min(remaining, cfg.recheck_interval_s))
+            if not await notifier.wait(remaining):
+                break
             outcome = await call(store.claim, agent_id, body.max_tasks, [], [])
             offers = outcome.offers
-        return _json(ClaimResponse(offers=offers, completions=results, lease_s=store.lease_s))
+        return _json(
+            ClaimResponse(
+                offers=offers, completions=results, lease_s=store.lease_s, drain=outcome.drain
+            )
+        )
 
     @app.post(
         "/api/v1/agents/{agent_id}/heartbeat", response_model=HeartbeatResponse, responses=ERRORS
     )
     async def heartbeat(agent_id: str, body: Heartbeat) -> Response:
         return _json(await call(store.heartbeat, agent_id, body))
+
+    @app.post("/api/v1/agents/{agent_id}/drain", response_model=AgentView, responses=ERRORS)
+    async def drain_agent(agent_id: str) -> Response:
+        """No new offers for the agent; its heartbeats answer ``drain: true`` until undrained."""
+        return _json(await call(store.set_drain, agent_id, True))
+
+    @app.post("/api/v1/agents/{agent_id}/undrain", response_model=AgentView, responses=ERRORS)
+    async def undrain_agent(agent_id: str) -> Response:
+        view = await call(store.set_drain, agent_id, False)
+        notifier.notify()
+        return _json(view)
 
     # ----------------------------------------------------------------- blobs
 

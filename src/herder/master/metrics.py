@@ -19,6 +19,8 @@ class MasterStats:
     errors_5xx: int = 0
     unhandled_exceptions: int = 0
     total_seconds: float = 0.0
+    reaped: int = 0  # tasks requeued or failed by this master's maintenance
+    maintenance: bool = False  # holds the maintenance lock now
 
     @property
     def average_seconds(self) -> float:
@@ -41,6 +43,12 @@ class MasterStats:
             "# HELP herder_request_seconds_total Time spent handling requests.",
             "# TYPE herder_request_seconds_total counter",
             f"herder_request_seconds_total {self.total_seconds:.6f}",
+            "# HELP herder_reaped_total Tasks this master's maintenance requeued or failed.",
+            "# TYPE herder_reaped_total counter",
+            f"herder_reaped_total {self.reaped}",
+            "# HELP herder_maintenance_holder 1 while this master holds the maintenance lock.",
+            "# TYPE herder_maintenance_holder gauge",
+            f"herder_maintenance_holder {int(self.maintenance)}",
             "# HELP herder_start_time_seconds Unix time this master started.",
             "# TYPE herder_start_time_seconds gauge",
             f"herder_start_time_seconds {self.started_at:.3f}",

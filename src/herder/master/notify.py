@@ -13,6 +13,7 @@ import asyncio
 class WorkNotifier:
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.waiters = 0
 
     def notify(self) -> None:
         # Swap in a fresh event so waiters that arrive later block again.
@@ -22,8 +23,11 @@ class WorkNotifier:
     async def wait(self, timeout: float) -> bool:
         if timeout <= 0:
             return False
+        self.waiters += 1
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self.waiters -= 1
         return True

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -12,6 +15,32 @@ from herder.master.app import MasterConfig, create_app
 from herder.store import Store
 
 log = logging.getLogger("herder.master")
+
+# Delivery knobs (herder.core.rules) read from the environment by `herder master`.
+_STORE_ENV: dict[str, tuple[str, type]] = {
+    "HERDER_INFRA_BUDGET": ("infra_budget", int),
+    "HERDER_HEARTBEAT_GRACE_S": ("heartbeat_grace_s", float),
+    "HERDER_RETRY_ELSEWHERE_S": ("retry_elsewhere_s", float),
+    "HERDER_BLOCKLIST_THRESHOLD": ("blocklist_threshold", int),
+    "HERDER_BLOCKLIST_FORGIVE_S": ("blocklist_forgive_s", float),
+}
+_CONFIG_ENV: dict[str, str] = {
+    "HERDER_REAP_INTERVAL_S": "reap_interval_s",
+    "HERDER_MAINTENANCE_TTL_S": "maintenance_ttl_s",
+}
+
+
+def store_options_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    source = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    for name, (kwarg, kind) in _STORE_ENV.items():
+        value = source.get(name)
+        if value:
+            try:
+                out[kwarg] = kind(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+    return out
 
 
 class _Server(uvicorn.Server):
@@ -38,7 +67,24 @@ def serve(
     config: MasterConfig | None = None,
     access_log: bool = False,
 ) -> None:
-    store = Store.open(db_url, migrate=True, lease_s=lease_s, ack_timeout_s=ack_timeout_s)
+    store = Store.open(
+        db_url,
+        migrate=True,
+        lease_s=lease_s,
+        ack_timeout_s=ack_timeout_s,
+        **store_options_from_env(),
+    )
+    if config is None:
+        config = MasterConfig()
+        # Stable across restarts on the same address: a master restarted after
+        # a crash takes its own maintenance lock back at once. (Two live
+        # masters cannot listen on one address:port.)
+        # The listen host is part of it: several masters of one machine may
+        # share a port on different loopback or interface addresses.
+        config.master_id = f"{socket.gethostname()}:{host}:{port}"
+        for env, attr in _CONFIG_ENV.items():
+            if os.environ.get(env):
+                setattr(config, attr, float(os.environ[env]))
     app = create_app(store, config)
     try:
         server = _Server(

@@ -120,6 +120,8 @@ tasks = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    # The agent its last attempt failed on (herder.core.rules: retry elsewhere first).
+    sa.Column("last_failed_agent_id", sa.String(100), nullable=True),
     sa.Index("ix_tasks_job_id_stage_state", "job_id", "stage", "state"),
     sa.Index(
         "ix_tasks_claim",
@@ -203,6 +205,31 @@ agents = sa.Table(
     sa.Column("registered_at", UTCDateTime, nullable=False),
     sa.Column("last_seen_at", UTCDateTime, nullable=True),
     sa.Column("usage", sa.JSON, nullable=True),
+    # Set by `herder drain` (POST /agents/{id}/drain); kept until undrained.
+    sa.Column("drain_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+# herder.core.rules.BlocklistPolicy: strikes of an agent on a job, and the block.
+agent_job_failures = sa.Table(
+    "agent_job_failures",
+    metadata,
+    sa.Column("agent_id", sa.String(100), primary_key=True),
+    sa.Column(
+        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_failure_at", UTCDateTime, nullable=True),
+    sa.Column("blocked_until", UTCDateTime, nullable=True),
+)
+
+# Maintenance (lease reaping) on one master at a time: a lock row with a
+# timeout judged by the database clock (DESIGN §5).
+maintenance_lock = sa.Table(
+    "maintenance_lock",
+    metadata,
+    sa.Column("name", sa.String(50), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
 )
 
 blobs = sa.Table(

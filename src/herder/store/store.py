@@ -46,6 +46,25 @@ from herder.api_models import (
     RequiredFile,
     TaskView,
 )
+from herder.core.rules import (
+    DEFAULT_BLOCKLIST_FORGIVE_S,
+    DEFAULT_BLOCKLIST_THRESHOLD,
+    DEFAULT_HEARTBEAT_GRACE_S,
+    DEFAULT_INFRA_BUDGET,
+    DEFAULT_MAINTENANCE_TTL_S,
+    DEFAULT_RETRY_ELSEWHERE_S,
+    Assigned,
+    AttemptPhase,
+    BlocklistEntry,
+    BlocklistPolicy,
+    FailureKind,
+    PlacementPolicy,
+    RetryDecision,
+    RetryPolicy,
+    blocklist_strike,
+    reconcile,
+    retry_decision,
+)
 from herder.core.states import (
     JOB_SOURCES,
     JOB_TERMINAL,
@@ -62,12 +81,14 @@ from herder.store import engine as _engine
 from herder.store import views
 from herder.store.schema import (
     UTCDateTime,
+    agent_job_failures,
     agents,
     attempts,
     blobs,
     events,
     jobs,
     log_chunks,
+    maintenance_lock,
     stages,
     task_tags,
     tasks,
@@ -81,6 +102,7 @@ _CLAIMABLE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
 _BLOB_QUERY_BATCH = 500
 _MAX_TX_RETRIES = 8
 _LOOKUP: Any = object()  # sentinel: look the attempt up
+REAPER_LOCK = "reaper"
 
 
 @dataclass
@@ -90,6 +112,7 @@ class ClaimOutcome:
     offers: list[Offer] = field(default_factory=list)
     results: list[CompletionResult] = field(default_factory=list)
     woke: bool = False  # the transaction made tasks claimable (stage unblocked, retry)
+    drain: bool = False  # an operator asked the agent to drain (POST /agents/{id}/drain)
 
 
 @dataclass
@@ -150,6 +173,9 @@ class _Stmts:
                 tasks.c.job_id,
                 tasks.c.stage,
                 tasks.c.timeout_s,
+                tasks.c.failures,
+                tasks.c.infra_failures,
+                tasks.c.max_attempts,
             )
             .join_from(attempts, tasks, tasks.c.id == attempts.c.task_id)
             .where(attempts.c.id == bp("b_attempt_id"))
@@ -197,7 +223,13 @@ class _Stmts:
             sa.update(agents)
             .where(agents.c.id == bp("b_agent_id"))
             .values(last_seen_at=bp("b_now", type_=UTCDateTime()))
-            .returning(agents.c.tags, agents.c.cpus, agents.c.ram_mb, agents.c.state)
+            .returning(
+                agents.c.tags,
+                agents.c.cpus,
+                agents.c.ram_mb,
+                agents.c.state,
+                agents.c.drain_requested,
+            )
         )
         tc = tasks.alias("tc")
         foreign_tag = sa.exists().where(
@@ -206,6 +238,28 @@ class _Stmts:
         )
         job_ok = sa.exists().where(
             jobs.c.id == tc.c.job_id, jobs.c.state.in_(_CLAIMABLE_JOB_STATES)
+        )
+        # herder.core.rules, transcribed: another live agent exists (uncorrelated:
+        # evaluated at most once per statement, and stops at the first row)…
+        ao = agents.alias("ao")
+        other_live = sa.exists().where(
+            ao.c.id != bp("b_agent_id"),
+            ao.c.state == sa.literal_column("'online'"),
+            ao.c.last_seen_at > bp("b_live_since", type_=UTCDateTime()),
+        )
+        # …may_offer_after_failure: not first on the agent it just failed on…
+        retry_here_ok = sa.or_(
+            tc.c.last_failed_agent_id.is_(None),
+            tc.c.last_failed_agent_id != bp("b_agent_id"),
+            tc.c.updated_at <= bp("b_retry_before", type_=UTCDateTime()),
+            ~other_live,
+        )
+        # …is_blocklisted: never to an agent blocklisted for the job (one PK probe).
+        bl = agent_job_failures.alias("bl")
+        blocked = sa.exists().where(
+            bl.c.agent_id == bp("b_agent_id"),
+            bl.c.job_id == tc.c.job_id,
+            bl.c.blocked_until > bp("b_now", type_=UTCDateTime()),
         )
         cand = (
             sa.select(tc.c.id)
@@ -220,6 +274,8 @@ class _Stmts:
                 ),
                 ~foreign_tag,
                 job_ok,
+                retry_here_ok,
+                sa.or_(~blocked, ~other_live),
             )
             .order_by(tc.c.priority.desc(), tc.c.id)
             .limit(bp("b_max_tasks", type_=sa.Integer()))
@@ -283,11 +339,6 @@ def _retryable(exc: DBAPIError) -> bool:
     return "database is locked" in str(exc.orig)
 
 
-def _ts(value: datetime) -> Any:
-    """A bound timestamp usable inside CASE expressions."""
-    return sa.literal(value, UTCDateTime())
-
-
 def _outcome_error(c: Completion, timeout_s: float | None) -> str | None:
     if c.error:
         return c.error
@@ -320,9 +371,12 @@ class Store:
         migrate: bool = True,
         lease_s: float = 30.0,
         ack_timeout_s: float = 30.0,
-        infra_budget: int = 5,
-        heartbeat_grace_s: float = 5.0,
+        infra_budget: int = DEFAULT_INFRA_BUDGET,
+        heartbeat_grace_s: float = DEFAULT_HEARTBEAT_GRACE_S,
         offline_after_s: float | None = None,
+        retry_elsewhere_s: float = DEFAULT_RETRY_ELSEWHERE_S,
+        blocklist_threshold: int = DEFAULT_BLOCKLIST_THRESHOLD,
+        blocklist_forgive_s: float = DEFAULT_BLOCKLIST_FORGIVE_S,
         pool_size: int = 10,
         max_overflow: int = 10,
     ) -> None:
@@ -330,6 +384,11 @@ class Store:
         self.lease_s = float(lease_s)
         self.ack_timeout_s = float(ack_timeout_s)
         self.infra_budget = int(infra_budget)
+        self.retry_policy = RetryPolicy(infra_budget=self.infra_budget)
+        self.placement_policy = PlacementPolicy(retry_elsewhere_s=float(retry_elsewhere_s))
+        self.blocklist_policy = BlocklistPolicy(
+            threshold=int(blocklist_threshold), forgive_s=float(blocklist_forgive_s)
+        )
         self.heartbeat_grace_s = float(heartbeat_grace_s)
         self.offline_after_s = (
             float(offline_after_s) if offline_after_s is not None else max(3 * self.lease_s, 10.0)
@@ -627,22 +686,28 @@ class Store:
                 .values(state=target, updated_at=t.now, finished_at=t.now)
                 .returning(tasks.c.id, tasks.c.job_id, tasks.c.agent_id)
             ).all()
+            attempt_of: dict[int, int] = {}
+            if src.value in _ACTIVE and rows:
+                ids = [r.id for r in rows]
+                attempt_of = {
+                    task_id: attempt_id
+                    for attempt_id, task_id in t.conn.execute(
+                        sa.update(attempts)
+                        .where(attempts.c.task_id.in_(ids), sa.text(_ACTIVE_ATTEMPT_SQL))
+                        .values(state="cancelled", finished_at=t.now, error=reason)
+                        .returning(attempts.c.id, attempts.c.task_id)
+                    )
+                }
             for r in rows:
                 t.event(
                     f"task.{TaskEvent.CANCEL.value}",
                     job_id=r.job_id,
                     task_id=r.id,
+                    attempt_id=attempt_of.get(r.id),
                     agent_id=r.agent_id if src.value in _ACTIVE else None,
                     from_state=src.value,
                     to_state=target,
                     reason=reason,
-                )
-            if src.value in _ACTIVE and rows:
-                ids = [r.id for r in rows]
-                t.conn.execute(
-                    sa.update(attempts)
-                    .where(attempts.c.task_id.in_(ids), sa.text(_ACTIVE_ATTEMPT_SQL))
-                    .values(state="cancelled", finished_at=t.now, error=reason)
                 )
             n += len(rows)
         return n
@@ -738,20 +803,21 @@ class Store:
             "ram_mb": req.ram_mb,
             "talkback_url": req.talkback_url,
             "version": req.version,
-            "state": "online",
         }
 
         def tx(t: _Tx) -> bool:
+            # A drained agent stays drained when it registers again (until undrained).
+            state = sa.case((agents.c.drain_requested, "draining"), else_="online")
             upd = (
                 sa.update(agents)
                 .where(agents.c.id == agent_id)
-                .values(**values, last_seen_at=t.now)
+                .values(**values, state=state, last_seen_at=t.now)
                 .returning(agents.c.id)
             )
             if t.conn.execute(upd).first() is not None:
                 return False
             ins = self._insert_ignore(agents).values(
-                id=agent_id, **values, registered_at=t.now, last_seen_at=t.now
+                id=agent_id, **values, state="online", registered_at=t.now, last_seen_at=t.now
             )
             if t.conn.execute(ins.returning(agents.c.id)).first() is not None:
                 t.event("agent.register", agent_id=agent_id, to_state="online")
@@ -835,9 +901,10 @@ class Store:
                     )
             for attempt_id in acks:
                 self._ack(t, attempt_id, None, agent_id)
-            if max_tasks > 0 and agent.state != "draining":
+            if max_tasks > 0 and agent.state != "draining" and not agent.drain_requested:
                 out.offers = self._offer(t, agent_id, agent, max_tasks)
             out.woke = t.woke
+            out.drain = bool(agent.drain_requested)
             return out
 
         return self._write(tx)
@@ -855,6 +922,9 @@ class Store:
                 "b_max_tasks": n,
                 "b_agent_id": agent_id,
                 "b_now": now,
+                "b_live_since": now - timedelta(seconds=self.offline_after_s),
+                "b_retry_before": now
+                - timedelta(seconds=self.placement_policy.retry_elsewhere_s),
             },
         ).all()
         if not rows:
@@ -1019,6 +1089,7 @@ class Store:
         ]
         values: dict[str, Any] = {"updated_at": t.now}
         attempt_state: str
+        decision: RetryDecision | None = None
         if c.outcome == "exited" and c.exit_code == 0:
             attempt_state = "succeeded"
             values.update(
@@ -1027,27 +1098,15 @@ class Store:
                 error=None,
                 finished_at=t.now,
             )
-        elif c.outcome in ("exited", "timeout"):
+        elif c.outcome in ("exited", "timeout", "launch_failed"):
             attempt_state = "failed"
-            final = tk.failures + 1 >= tk.max_attempts
-            values.update(
-                state=sa.case((final, TaskState.FAILED.value), else_=TaskState.QUEUED.value),
-                failures=tk.failures + 1,
-                exit_code=c.exit_code,
-                error=error,
-                finished_at=sa.case((final, _ts(t.now)), else_=sa.null()),
-                agent_id=sa.case((final, tk.agent_id), else_=sa.null()),
-            )
-        elif c.outcome == "launch_failed":
-            attempt_state = "failed"
-            final = tk.infra_failures + 1 >= self.infra_budget
-            values.update(
-                state=sa.case((final, TaskState.FAILED.value), else_=TaskState.QUEUED.value),
-                infra_failures=tk.infra_failures + 1,
-                error=error,
-                finished_at=sa.case((final, _ts(t.now)), else_=sa.null()),
-                agent_id=sa.case((final, tk.agent_id), else_=sa.null()),
-            )
+            kind = FailureKind.LAUNCH if c.outcome == "launch_failed" else FailureKind.COMMAND
+            decision = self._decide(kind, row)
+            values.update(self._failure_values(decision, row.agent_id, error, t.now))
+            if kind is FailureKind.COMMAND:
+                values["exit_code"] = c.exit_code
+            # CAS on the budgets the decision was computed from.
+            guard += [tk.failures == row.failures, tk.infra_failures == row.infra_failures]
         elif c.outcome == "released" or row.task_state in _ACTIVE:
             # released, or cancelled by the agent on its own: hand the task back.
             attempt_state = "released" if c.outcome == "released" else "cancelled"
@@ -1074,7 +1133,7 @@ class Store:
             if done is None:
                 return stale
             new_state = done.state
-            event = self._event_for(c, row.task_state, new_state)
+            event = decision.event if decision else self._event_for(c, row.task_state, new_state)
             if event is not None:
                 assert row.task_state in {s.value for s in TASK_SOURCES[event]}
             t.event(
@@ -1104,6 +1163,8 @@ class Store:
             },
         ).one()
         self._insert_log(t, row.id, merged, lens)
+        if decision is not None and decision.blocklist_strike and row.agent_id is not None:
+            self._blocklist_strike(t, row.agent_id, row.job_id, row.task_id, row.id)
 
         if new_state == TaskState.SUCCEEDED.value:
             self._task_succeeded(t, row.job_id, row.stage)
@@ -1112,6 +1173,99 @@ class Store:
         elif new_state == TaskState.QUEUED.value:
             t.woke = True
         return CompletionResult(attempt_id=c.attempt_id, result="accepted", task_state=new_state)  # type: ignore[arg-type]
+
+    def _decide(self, kind: FailureKind, row: Any) -> RetryDecision:
+        """herder.core.rules.retry_decision on a task row (failures, infra_failures, max_attempts)."""
+        return retry_decision(
+            kind,
+            failures=row.failures,
+            infra_failures=row.infra_failures,
+            max_attempts=row.max_attempts,
+            policy=self.retry_policy,
+        )
+
+    @staticmethod
+    def _failure_values(
+        d: RetryDecision, agent_id: str | None, error: str | None, now: datetime
+    ) -> dict[str, Any]:
+        """The task columns a failed attempt sets, from its retry decision."""
+        values: dict[str, Any] = {
+            "state": TaskState.QUEUED.value if d.retry else TaskState.FAILED.value,
+            "failures": d.failures,
+            "infra_failures": d.infra_failures,
+            "error": error,
+            "finished_at": None if d.retry else now,
+            "agent_id": None if d.retry else agent_id,
+        }
+        if d.avoid_agent and agent_id is not None:
+            values["last_failed_agent_id"] = agent_id
+        return values
+
+    def _blocklist_strike(
+        self, t: _Tx, agent_id: str, job_id: int, task_id: int, attempt_id: int
+    ) -> None:
+        """Count a failure of the job's task on the agent (herder.core.rules.blocklist_strike)."""
+        b = agent_job_failures.c
+        t.conn.execute(
+            self._insert_ignore(agent_job_failures).values(
+                agent_id=agent_id, job_id=job_id, failures=0
+            )
+        )
+        sel = sa.select(b.failures, b.last_failure_at, b.blocked_until).where(
+            b.agent_id == agent_id, b.job_id == job_id
+        )
+        if self._is_pg:
+            sel = sel.with_for_update()
+        cur = t.conn.execute(sel).one()
+        strike = blocklist_strike(
+            BlocklistEntry(cur.failures, cur.last_failure_at, cur.blocked_until),
+            t.now,
+            self.blocklist_policy,
+        )
+        e = strike.entry
+        t.conn.execute(
+            sa.update(agent_job_failures)
+            .where(b.agent_id == agent_id, b.job_id == job_id)
+            .values(
+                failures=e.failures, last_failure_at=e.last_failure_at, blocked_until=e.blocked_until
+            )
+        )
+        if strike.newly_blocked:
+            assert e.blocked_until is not None
+            t.event(
+                "agent.blocklisted",
+                job_id=job_id,
+                task_id=task_id,
+                attempt_id=attempt_id,
+                agent_id=agent_id,
+                reason=(
+                    f"{e.failures} failures of the job's tasks on this agent; "
+                    f"blocklisted for the job until {e.blocked_until.isoformat()}"
+                ),
+            )
+
+    def blocklist(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        """Current (agent, job) strike rows; ``blocked`` says whether the block holds now."""
+
+        def q(conn: Connection) -> list[dict[str, Any]]:
+            now = self._now_fn(conn)
+            stmt = sa.select(agent_job_failures).order_by(
+                agent_job_failures.c.job_id, agent_job_failures.c.agent_id
+            )
+            if job_id is not None:
+                stmt = stmt.where(agent_job_failures.c.job_id == job_id)
+            return [
+                {
+                    "agent_id": r.agent_id,
+                    "job_id": r.job_id,
+                    "failures": r.failures,
+                    "blocked_until": r.blocked_until,
+                    "blocked": r.blocked_until is not None and now < r.blocked_until,
+                }
+                for r in conn.execute(stmt)
+            ]
+
+        return self._read(q)
 
     @staticmethod
     def _event_for(c: Completion, old: str, new: str) -> TaskEvent | None:
@@ -1222,11 +1376,12 @@ class Store:
     # ----- heartbeat
 
     def heartbeat(self, agent_id: str, hb: Heartbeat) -> HeartbeatResponse:
-        """Renew the leases of the agent's current attempts; say which to cancel.
+        """Renew the leases of the agent's current attempts; reconcile both ways.
 
-        An attempt running on this agent (acknowledged more than
-        ``heartbeat_grace_s`` ago) that the heartbeat does not list is
-        requeued as an infrastructure failure (DESIGN §5).
+        ``herder.core.rules.reconcile`` decides: an attempt assigned to this
+        agent, acknowledged more than ``heartbeat_grace_s`` ago, that the
+        heartbeat does not list is requeued as an infrastructure failure; one
+        it lists that is not (or no longer) assigned to it is in ``cancel``.
         """
         listed = {r.attempt_id: r.token for r in hb.running}
 
@@ -1237,69 +1392,87 @@ class Store:
                 .values(
                     last_seen_at=t.now,
                     usage=hb.usage.model_dump(mode="json") if hb.usage else None,
-                    state="draining" if hb.draining else "online",
+                    state="draining"
+                    if hb.draining
+                    else sa.case((agents.c.drain_requested, "draining"), else_="online"),
                 )
-                .returning(agents.c.id)
+                .returning(agents.c.id, agents.c.drain_requested)
             ).first()
             if found is None:
                 raise NotFound(f"agent {agent_id} not found")
             lease = t.now + timedelta(seconds=self.lease_s)
-            renewed: dict[int, str] = {}
-            if listed:
-                tokens = dict(
-                    t.conn.execute(
-                        sa.select(attempts.c.id, attempts.c.token).where(
-                            attempts.c.id.in_(list(listed))
-                        )
-                    ).all()
-                )
-                good = [
-                    aid
-                    for aid, tok in listed.items()
-                    if aid in tokens and hmac.compare_digest(tokens[aid], tok)
-                ]
-                if good:
-                    current_task = sa.exists().where(
-                        tasks.c.id == attempts.c.task_id,
-                        tasks.c.attempt_count == attempts.c.number,
-                        tasks.c.state.in_(_ACTIVE),
+            # Everything the database assigns to this agent (the partial index).
+            rows = {
+                r.id: r
+                for r in t.conn.execute(
+                    self._active_attempts_query()
+                    .add_columns(
+                        attempts.c.token,
+                        attempts.c.state.label("attempt_state"),
+                        attempts.c.started_at,
                     )
-                    renewed = dict(
-                        t.conn.execute(
-                            sa.update(attempts)
-                            .where(
-                                attempts.c.id.in_(good),
-                                attempts.c.agent_id == agent_id,
-                                attempts.c.state.in_(_ACTIVE),
-                                current_task,
-                            )
-                            .values(lease_expires_at=lease)
-                            .returning(attempts.c.id, attempts.c.state)
-                        ).all()
-                    )
-                for aid, st in renewed.items():
-                    if st == "offered":
-                        self._ack(t, aid, None, agent_id)
-            # Assigned to this agent, acknowledged a while ago, but not listed: lost.
-            grace = t.now - timedelta(seconds=self.heartbeat_grace_s)
-            missing = t.conn.execute(
-                self._active_attempts_query()
-                .where(
-                    attempts.c.agent_id == agent_id,
-                    attempts.c.state == "running",
-                    attempts.c.started_at < grace,
-                    attempts.c.id.not_in(list(listed)),
+                    .where(attempts.c.agent_id == agent_id)
+                    .order_by(attempts.c.task_id)
                 )
-            ).all()
-            for row in missing:
-                self._lease_lost(t, row, "not reported by its agent's heartbeat")
+            }
+            rec = reconcile(
+                (
+                    Assigned(r.id, r.token, AttemptPhase(r.attempt_state), r.started_at)
+                    for r in rows.values()
+                ),
+                listed,
+                t.now,
+                self.heartbeat_grace_s,
+            )
+            if rec.renew:
+                t.conn.execute(
+                    sa.update(attempts)
+                    .where(attempts.c.id.in_(rec.renew), sa.text(_ACTIVE_ATTEMPT_SQL))
+                    .values(lease_expires_at=lease)
+                )
+            for aid in rec.ack:
+                self._ack(t, aid, None, agent_id)
+            for aid in rec.requeue:
+                self._lease_lost(t, rows[aid], "not reported by its agent's heartbeat")
             return HeartbeatResponse(
-                cancel=sorted(aid for aid in listed if aid not in renewed),
-                lease_expires_at=lease if renewed else None,
+                cancel=list(rec.cancel),
+                lease_expires_at=lease if rec.renew else None,
                 lease_s=self.lease_s,
+                drain=bool(found.drain_requested),
             )
 
         return self._write(tx)
+
+    def set_drain(self, agent_id: str, drain: bool = True) -> AgentView:
+        """Drain an agent (no new offers; its heartbeats answer ``drain: true``) or undrain it.
+
+        The request persists (a restarted agent stays drained) until undrained.
+        """
+
+        def tx(t: _Tx) -> None:
+            row = t.conn.execute(
+                sa.select(agents.c.state, agents.c.drain_requested).where(agents.c.id == agent_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"agent {agent_id} not found")
+            if bool(row.drain_requested) == drain:
+                return
+            target = "draining" if drain else "online"
+            t.conn.execute(
+                sa.update(agents)
+                .where(agents.c.id == agent_id)
+                .values(drain_requested=drain, state=target)
+            )
+            t.event(
+                "agent.drain" if drain else "agent.undrain",
+                agent_id=agent_id,
+                from_state=row.state,
+                to_state=target,
+                reason="requested through the API",
+            )
+
+        self._write(tx)
+        return self.get_agent(agent_id)
 
     # ----- reaper
 
@@ -1310,6 +1483,9 @@ class Store:
             attempts.c.number,
             attempts.c.agent_id,
             tasks.c.job_id,
+            tasks.c.failures,
+            tasks.c.infra_failures,
+            tasks.c.max_attempts,
         ).join_from(
             attempts,
             tasks,
@@ -1319,22 +1495,21 @@ class Store:
     def _lease_lost(self, t: _Tx, row: Any, reason: str) -> str | None:
         """A running attempt is lost: requeue its task, or fail it once the infra budget is spent."""
         tk = tasks.c
-        final = tk.infra_failures + 1 >= self.infra_budget
+        d = self._decide(FailureKind.LOST, row)
+        error = reason if d.retry else f"{reason} (infrastructure budget spent)"
+        values = self._failure_values(d, row.agent_id, error, t.now)
+        if d.retry:
+            del values["error"]  # keep the last command error, if any
         done = t.conn.execute(
             sa.update(tasks)
             .where(
                 tk.id == row.task_id,
                 tk.attempt_count == row.number,
                 tk.state.in_([s.value for s in TASK_SOURCES[TaskEvent.LEASE_EXPIRED]]),
+                tk.failures == row.failures,
+                tk.infra_failures == row.infra_failures,
             )
-            .values(
-                state=sa.case((final, TaskState.FAILED.value), else_=TaskState.QUEUED.value),
-                infra_failures=tk.infra_failures + 1,
-                error=sa.case((final, f"{reason} (infrastructure budget spent)"), else_=tk.error),
-                finished_at=sa.case((final, _ts(t.now)), else_=sa.null()),
-                agent_id=sa.case((final, tk.agent_id), else_=sa.null()),
-                updated_at=t.now,
-            )
+            .values(**values, updated_at=t.now)
             .returning(tk.state)
         ).first()
         if done is None:
@@ -1344,10 +1519,9 @@ class Store:
             .where(attempts.c.id == row.id)
             .values(state="lost", error=reason, finished_at=t.now)
         )
-        exhausted = done.state == TaskState.FAILED.value
-        event = TaskEvent.LEASE_EXHAUSTED if exhausted else TaskEvent.LEASE_EXPIRED
+        assert TaskState.RUNNING in TASK_SOURCES[d.event]
         t.event(
-            f"task.{event.value}",
+            f"task.{d.event.value}",
             job_id=row.job_id,
             task_id=row.task_id,
             attempt_id=row.id,
@@ -1356,7 +1530,7 @@ class Store:
             to_state=done.state,
             reason=reason,
         )
-        if exhausted:
+        if not d.retry:
             self._fail_job(t, row.job_id, f"task {row.task_id} failed: {reason}")
         else:
             t.woke = True
@@ -1365,66 +1539,145 @@ class Store:
     def reap(self) -> int:
         """Requeue offers past their ack deadline and attempts whose lease expired.
 
-        Returns the number of tasks changed.
+        Returns the number of tasks changed. Safe to run on several masters at
+        once (every requeue is a compare-and-set on the task's state and
+        attempt number), but periodic reaping goes through ``maintain`` so that
+        one master at a time does it.
+        """
+        return self._write(self._reap)
+
+    def maintain(
+        self, holder: str, ttl_s: float = DEFAULT_MAINTENANCE_TTL_S, name: str = REAPER_LOCK
+    ) -> int | None:
+        """Reap, if ``holder`` holds (or can take) the maintenance lock; ``None`` if not.
+
+        The lock is taken or renewed in the same transaction as the reap: on
+        PostgreSQL the lock row stays locked until the reap commits, so two
+        masters never reap at once even if a reap outlasts the TTL.
         """
 
-        def tx(t: _Tx) -> int:
-            n = 0
-            unacked = t.conn.execute(
-                self._active_attempts_query().where(
-                    attempts.c.state == "offered",
-                    tasks.c.state == TaskState.OFFERED.value,
-                    attempts.c.ack_deadline < t.now,
-                )
-            ).all()
-            target = task_target(TaskEvent.OFFER_EXPIRED).value
-            for row in unacked:
-                done = t.conn.execute(
-                    sa.update(tasks)
-                    .where(
-                        tasks.c.id == row.task_id,
-                        tasks.c.attempt_count == row.number,
-                        tasks.c.state.in_(
-                            [s.value for s in TASK_SOURCES[TaskEvent.OFFER_EXPIRED]]
-                        ),
-                    )
-                    .values(state=target, agent_id=None, updated_at=t.now)
-                    .returning(tasks.c.id)
-                ).first()
-                if done is None:
-                    continue
-                reason = "offer not acknowledged in time"
-                t.conn.execute(
-                    sa.update(attempts)
-                    .where(attempts.c.id == row.id)
-                    .values(state="lost", error=reason, finished_at=t.now)
-                )
-                t.event(
-                    f"task.{TaskEvent.OFFER_EXPIRED.value}",
-                    job_id=row.job_id,
-                    task_id=row.task_id,
-                    attempt_id=row.id,
-                    agent_id=row.agent_id,
-                    from_state=TaskState.OFFERED.value,
-                    to_state=target,
-                    reason=reason,
-                )
-                n += 1
-            expired = t.conn.execute(
-                self._active_attempts_query().where(
-                    attempts.c.state == "running",
-                    tasks.c.state == TaskState.RUNNING.value,
-                    attempts.c.lease_expires_at < t.now,
-                )
-            ).all()
-            for row in expired:
-                if self._lease_lost(t, row, "lease expired") is not None:
-                    n += 1
-            if n:
-                t.woke = True
-            return n
+        def tx(t: _Tx) -> int | None:
+            if not self._take_lock(t, name, holder, ttl_s):
+                return None
+            return self._reap(t)
 
         return self._write(tx)
+
+    def try_lock(
+        self, holder: str, ttl_s: float = DEFAULT_MAINTENANCE_TTL_S, name: str = REAPER_LOCK
+    ) -> bool:
+        """Take or renew a maintenance lock for ``ttl_s`` (database clock). True if held."""
+        return self._write(lambda t: self._take_lock(t, name, holder, ttl_s))
+
+    def release_lock(self, holder: str, name: str = REAPER_LOCK) -> bool:
+        """Give a held lock up now (graceful shutdown), so another master takes over at once."""
+
+        def tx(t: _Tx) -> bool:
+            ml = maintenance_lock.c
+            done = t.conn.execute(
+                sa.update(maintenance_lock)
+                .where(ml.name == name, ml.holder == holder)
+                .values(expires_at=t.now - timedelta(seconds=1))
+                .returning(ml.name)
+            ).first()
+            return done is not None
+
+        return self._write(tx)
+
+    def lock_holder(self, name: str = REAPER_LOCK) -> tuple[str, datetime] | None:
+        """``(holder, expires_at)`` of a lock row, held or not; None if never taken."""
+
+        def q(conn: Connection) -> tuple[str, datetime] | None:
+            row = conn.execute(
+                sa.select(maintenance_lock.c.holder, maintenance_lock.c.expires_at).where(
+                    maintenance_lock.c.name == name
+                )
+            ).first()
+            return None if row is None else (str(row.holder), row.expires_at)
+
+        return self._read(q)
+
+    def _take_lock(self, t: _Tx, name: str, holder: str, ttl_s: float) -> bool:
+        """herder.core.rules.may_take_lock as one conditional UPDATE, then insert-if-missing.
+
+        Race-free: on PostgreSQL a concurrent UPDATE of the row waits for the
+        first and re-checks the condition on the new row; the INSERT … ON
+        CONFLICT DO NOTHING lets exactly one of two first-comers create it.
+        """
+        ml = maintenance_lock.c
+        expires = t.now + timedelta(seconds=ttl_s)
+        got = t.conn.execute(
+            sa.update(maintenance_lock)
+            .where(ml.name == name, sa.or_(ml.holder == holder, ml.expires_at < t.now))
+            .values(holder=holder, expires_at=expires)
+            .returning(ml.name)
+        ).first()
+        if got is not None:
+            return True
+        ins = self._insert_ignore(maintenance_lock).values(
+            name=name, holder=holder, expires_at=expires
+        )
+        return t.conn.execute(ins.returning(ml.name)).first() is not None
+
+    def _reap(self, t: _Tx) -> int:
+        n = 0
+        unacked = t.conn.execute(
+            self._active_attempts_query()
+            .where(
+                attempts.c.state == "offered",
+                tasks.c.state == TaskState.OFFERED.value,
+                attempts.c.ack_deadline < t.now,
+            )
+            .order_by(attempts.c.task_id)
+        ).all()
+        target = task_target(TaskEvent.OFFER_EXPIRED).value
+        for row in unacked:
+            d = self._decide(FailureKind.UNACKED, row)
+            assert d.event is TaskEvent.OFFER_EXPIRED and d.retry
+            done = t.conn.execute(
+                sa.update(tasks)
+                .where(
+                    tasks.c.id == row.task_id,
+                    tasks.c.attempt_count == row.number,
+                    tasks.c.state.in_([s.value for s in TASK_SOURCES[TaskEvent.OFFER_EXPIRED]]),
+                )
+                .values(state=target, agent_id=None, updated_at=t.now)
+                .returning(tasks.c.id)
+            ).first()
+            if done is None:
+                continue
+            reason = "offer not acknowledged in time"
+            t.conn.execute(
+                sa.update(attempts)
+                .where(attempts.c.id == row.id)
+                .values(state="lost", error=reason, finished_at=t.now)
+            )
+            t.event(
+                f"task.{TaskEvent.OFFER_EXPIRED.value}",
+                job_id=row.job_id,
+                task_id=row.task_id,
+                attempt_id=row.id,
+                agent_id=row.agent_id,
+                from_state=TaskState.OFFERED.value,
+                to_state=target,
+                reason=reason,
+            )
+            n += 1
+        expired = t.conn.execute(
+            self._active_attempts_query()
+            .where(
+                attempts.c.state == "running",
+                tasks.c.state == TaskState.RUNNING.value,
+                attempts.c.lease_expires_at < t.now,
+            )
+            .order_by(attempts.c.task_id)
+        ).all()
+        for row in expired:
+            if self._lease_lost(t, row, "lease expired") is not None:
+                n += 1
+        if n:
+            t.woke = True
+        return n
 
     # ------------------------------------------------------------------ blobs
 
@@ -1470,6 +1723,15 @@ class Store:
         if data is None:
             raise NotFound(f"blob {digest} not found")
         return bytes(data)
+
+    def has_claimable_work(self) -> bool:
+        """Whether any remote task is queued: one probe of the claim index."""
+        stmt = (
+            sa.select(tasks.c.id)
+            .where(tasks.c.state == TaskState.QUEUED.value, tasks.c.placement == "remote")
+            .limit(1)
+        )
+        return self._read(lambda c: c.execute(stmt).first() is not None)
 
     def has_blob(self, digest: str) -> bool:
         return not self.missing_blobs([digest])
