@@ -19,6 +19,10 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
 TaskStateName = Literal["blocked", "queued", "offered", "running", "succeeded", "failed", "cancelled"]
 JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+#: How an agent gets work: from a master, or from the database itself (DESIGN §6).
+AgentMode = Literal["master", "autonomous"]
+MasterRole = Literal["read-write", "read-only"]
+MasterStateName = Literal["up", "failed", "stopped"]
 
 
 class _In(BaseModel):
@@ -217,6 +221,9 @@ class AgentRegister(_In):
     ram_mb: int = Field(default=0, ge=0)
     talkback_url: str | None = None
     version: str | None = None
+    mode: AgentMode | None = Field(
+        default=None, description="autonomous: it claimed from the database while masters were down"
+    )
 
 
 class AgentView(_Out):
@@ -234,6 +241,7 @@ class AgentView(_Out):
     running: int = 0
     usage: ResourceUsage | None = None
     talkback_url: str | None = None
+    mode: AgentMode = "master"
 
 
 class AgentList(_Out):
@@ -314,6 +322,10 @@ class Heartbeat(_In):
     running: list[RunningAttempt] = Field(default_factory=list)
     usage: ResourceUsage | None = None
     draining: bool = False
+    mode: AgentMode = Field(
+        default="master",
+        description="autonomous: the agent claims from the database itself (masters were down)",
+    )
 
 
 class HeartbeatResponse(_Out):
@@ -375,3 +387,60 @@ class EventView(_Out):
 
 class EventList(_Out):
     events: list[EventView]
+
+
+# ------------------------------------------------------------ master directory
+
+
+class MasterView(_Out):
+    """One master of the farm (seeds/001 "master information")."""
+
+    id: str
+    href: str
+    url: str = Field(description="the URL agents and clients use to reach it")
+    role: MasterRole
+    state: MasterStateName
+    down_reason: Literal["stopped", "heartbeat_timeout", "failure_reported"] | None = None
+    started_at: datetime
+    last_heartbeat_at: datetime
+    heartbeat_timeout_s: float
+    version: str | None = None
+    requests: int = Field(description="requests handled since it started")
+    unhandled_exceptions: int
+    avg_request_ms: float
+    in_flight: int
+    failures: int = Field(description="failures to reach it reported by agents and clients")
+    last_failure_at: datetime | None = None
+    failures_href: str
+
+
+class MasterList(_Out):
+    masters: list[MasterView]
+
+
+class MasterFailureReport(_In):
+    """An agent's or client's failure to reach a master (DESIGN §6)."""
+
+    time: datetime = Field(description="when it failed, by the reporter's clock (ISO 8601)")
+    reporter: str = Field(min_length=1, max_length=200)
+    request: str = Field(default="", max_length=500, description='e.g. "POST /api/v1/jobs"')
+    kind: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,49}$",
+        description="unreachable, timeout, broken, busy, gateway, …",
+    )
+    url: str | None = Field(default=None, max_length=2000, description="the URL that failed")
+
+
+class MasterFailureView(_Out):
+    id: int
+    master_id: str
+    time: datetime = Field(description="the reporter's time of the failure")
+    received_at: datetime = Field(description="when a master recorded it (database clock)")
+    reporter: str
+    request: str
+    kind: str
+    url: str | None = None
+
+
+class MasterFailureList(_Out):
+    failures: list[MasterFailureView]

@@ -76,6 +76,15 @@ def master(
     lease: Annotated[float, typer.Option(help="Lease length in seconds.")] = 30.0,
     ack_timeout: Annotated[float, typer.Option(help="Seconds an offer waits for its ack.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    advertise_url: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise-url",
+            envvar="HERDER_ADVERTISE_URL",
+            help="The URL agents use to reach this master, listed in the master directory "
+            "(default: http://<listen host>:<port>).",
+        ),
+    ] = None,
 ) -> None:
     """Run a master: the HTTP API over the job queue in the database."""
     from herder.logsetup import setup_logging
@@ -83,7 +92,14 @@ def master(
 
     setup_logging(log_level)
     host, port = _parse_listen(listen)
-    serve(db, host, port, lease_s=lease, ack_timeout_s=ack_timeout)
+    if advertise_url is not None:
+        from herder.master.server import normalize_advertise_url
+
+        try:
+            advertise_url = normalize_advertise_url(advertise_url)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--advertise-url") from None
+    serve(db, host, port, lease_s=lease, ack_timeout_s=ack_timeout, advertise_url=advertise_url)
 
 
 @app.command()

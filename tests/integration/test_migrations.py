@@ -11,6 +11,8 @@ from alembic.migration import MigrationContext
 from herder.store import Store
 from herder.store.schema import metadata
 
+HEAD = "0003"
+
 
 def _skip_sqlite_expression_index(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
@@ -56,7 +58,7 @@ def test_migrate_is_idempotent(db_url: str) -> None:
     try:
         with store.engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert version == "0002"
+        assert version == HEAD
     finally:
         store.close()
 
@@ -66,6 +68,7 @@ def test_empty_database_differs_from_models(db_url: str) -> None:
     Store.open(db_url, migrate=False).close()
     tables = {d[1].name for d in _diff(db_url) if isinstance(d, tuple) and d[0] == "add_table"}
     assert {"jobs", "tasks", "attempts", "agents", "blobs", "events"} <= tables
+    assert {"masters", "master_failures"} <= tables
 
 
 def test_sqlite_claim_index(tmp_path: object) -> None:
@@ -113,12 +116,33 @@ def test_upgrade_0001_to_head_keeps_rows(db_url: str) -> None:
                 sa.text("SELECT drain_requested FROM agents WHERE id = 'old'")
             ).scalar_one()
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert not drain and version == "0002"
+        assert not drain and version == HEAD
         store.set_drain("old", True)
         with store.engine.connect() as conn:
             assert conn.execute(
                 sa.text("SELECT drain_requested FROM agents WHERE id = 'old'")
             ).scalar_one()
+    finally:
+        store.close()
+    assert _diff(db_url) == []
+
+
+def test_upgrade_0002_to_head_keeps_agents(db_url: str) -> None:
+    """0003 adds agents.mode (default "master") and the master directory tables."""
+    store = Store.open(db_url, migrate=False)
+    try:
+        store.migrate("0002")
+        with store.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO agents (id, name, hostname, slots, tags, cpus, ram_mb, state,"
+                    " registered_at) VALUES ('old', 'old', 'h', 1, '[]', 1, 0, 'online',"
+                    " CURRENT_TIMESTAMP)"
+                )
+            )
+        store.migrate()
+        assert store.get_agent("old").mode == "master"
+        assert store.list_masters(include_all=True) == []
     finally:
         store.close()
     assert _diff(db_url) == []

@@ -33,6 +33,11 @@ Rules:
   agent lost it); an attempt the agent lists that the database does not
   assign to it (or with the wrong token) is returned to be killed on the agent. Offers not yet
   acknowledged are left to the ack deadline.
+- **Master directory** (seeds/000, seeds/001): every master heartbeats its
+  row every ``DEFAULT_MASTER_HEARTBEAT_S``; the directory lists a master only
+  while it is up: not stopped, heartbeat younger than its timeout (3
+  intervals by default), and no failure reported at or after that heartbeat
+  (``master_visible``). A failed master reappears with its next heartbeat.
 """
 
 from __future__ import annotations
@@ -305,3 +310,83 @@ def may_take_lock(holder: str | None, expires_at: datetime | None, me: str, now:
     if holder is None or expires_at is None:
         return True
     return holder == me or expires_at < now
+
+
+# ------------------------------------------------------- master directory
+
+DEFAULT_MASTER_HEARTBEAT_S = 2.0
+#: A master whose heartbeat is older than this many intervals is not listed as up.
+MASTER_TIMEOUT_INTERVALS = 3.0
+
+
+class MasterState(StrEnum):
+    """A master's state in the directory (``GET /api/v1/masters``)."""
+
+    UP = "up"
+    FAILED = "failed"  # its heartbeat timed out, or a failure was reported since it
+    STOPPED = "stopped"  # shut down gracefully
+
+
+class MasterDown(StrEnum):
+    """Why a master is not up."""
+
+    STOPPED = "stopped"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    FAILURE_REPORTED = "failure_reported"
+
+
+def master_timeout_s(interval_s: float, timeout_s: float | None = None) -> float:
+    """The heartbeat timeout: ``timeout_s`` when given, else 3 heartbeat intervals."""
+    return float(timeout_s) if timeout_s is not None else MASTER_TIMEOUT_INTERVALS * interval_s
+
+
+def master_down_reason(
+    state: str,
+    last_heartbeat_at: datetime | None,
+    last_failure_at: datetime | None,
+    now: datetime,
+    timeout_s: float,
+) -> MasterDown | None:
+    """Why a master is not listed as up; ``None`` if it is up. All times by the database clock.
+
+    - A master that shut down gracefully (``state == "stopped"``) is down until
+      it heartbeats again (a heartbeat sets the state back to ``up``).
+    - A master whose last heartbeat is older than ``timeout_s`` is down.
+    - A master with a failure reported at or after its last heartbeat is down
+      "until it heartbeats again" (seeds/000): the next heartbeat, being later
+      than the report, makes it visible again. A report received in the same
+      clock tick as a heartbeat hides it (one interval at most: erring towards
+      not sending work to a master someone could not reach).
+    """
+    if state == MasterState.STOPPED.value:
+        return MasterDown.STOPPED
+    if last_heartbeat_at is None or last_heartbeat_at < now - timedelta(seconds=timeout_s):
+        return MasterDown.HEARTBEAT_TIMEOUT
+    if last_failure_at is not None and last_failure_at >= last_heartbeat_at:
+        return MasterDown.FAILURE_REPORTED
+    return None
+
+
+def master_state(
+    state: str,
+    last_heartbeat_at: datetime | None,
+    last_failure_at: datetime | None,
+    now: datetime,
+    timeout_s: float,
+) -> MasterState:
+    """``up``, ``failed`` (heartbeat timed out or failure reported) or ``stopped``."""
+    why = master_down_reason(state, last_heartbeat_at, last_failure_at, now, timeout_s)
+    if why is None:
+        return MasterState.UP
+    return MasterState.STOPPED if why is MasterDown.STOPPED else MasterState.FAILED
+
+
+def master_visible(
+    state: str,
+    last_heartbeat_at: datetime | None,
+    last_failure_at: datetime | None,
+    now: datetime,
+    timeout_s: float,
+) -> bool:
+    """The directory lists a master iff it is up: heartbeat fresh, no failure since it, not stopped."""
+    return master_down_reason(state, last_heartbeat_at, last_failure_at, now, timeout_s) is None

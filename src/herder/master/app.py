@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -47,13 +48,19 @@ from herder.api_models import (
     JobView,
     LogAppend,
     LogView,
+    MasterFailureList,
+    MasterFailureReport,
+    MasterFailureView,
+    MasterList,
+    MasterView,
     TaskView,
 )
+from herder.core.rules import DEFAULT_MASTER_HEARTBEAT_S, master_timeout_s
 from herder.errors import HerderError, InvalidRequest
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.notify import WorkNotifier
 from herder.store import Store
-from herder.store.store import ClaimOutcome
+from herder.store.store import ClaimOutcome, MasterStatus
 
 log = logging.getLogger("herder.master")
 
@@ -85,6 +92,15 @@ class MasterConfig:
     # and wakes them; parked polls themselves cost nothing.
     recheck_interval_s: float = 1.0
     max_blob_bytes: int = 1 << 30
+    # The master directory (GET /api/v1/masters): the URL agents use to reach
+    # this master (`herder master --advertise-url`; serve() defaults it to
+    # http://<listen host>:<port>), its role, and its heartbeat. The directory
+    # stops listing it once its heartbeat is older than heartbeat_timeout_s
+    # (default: 3 intervals), judged by the database clock.
+    url: str | None = None
+    role: Literal["read-write", "read-only"] = "read-write"
+    heartbeat_interval_s: float = DEFAULT_MASTER_HEARTBEAT_S
+    heartbeat_timeout_s: float | None = None
 
 
 def _json(model: BaseModel, status: int = 200) -> Response:
@@ -115,8 +131,37 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     cfg = config or MasterConfig()
-    stats = MasterStats()
+    url = cfg.url or f"http://{socket.gethostname()}:6240"
+    stats = MasterStats(master_id=cfg.master_id, url=url)
     notifier = WorkNotifier()
+    # Serializes directory writes of this master, so a heartbeat still running
+    # in a worker thread cannot land after the shutdown marked it stopped.
+    directory_lock = threading.Lock()
+    directory_closed = False
+
+    def _status() -> MasterStatus:
+        return MasterStatus(
+            id=cfg.master_id,
+            url=url,
+            role=cfg.role,
+            heartbeat_timeout_s=master_timeout_s(cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s),
+            requests=stats.requests,
+            unhandled_exceptions=stats.unhandled_exceptions,
+            avg_request_ms=stats.average_seconds * 1000.0,
+            in_flight=stats.in_flight,
+            version=__version__,
+        )
+
+    def _directory_write(starting: bool = False, stopping: bool = False) -> None:
+        nonlocal directory_closed
+        with directory_lock:
+            if directory_closed:
+                return
+            if stopping:
+                directory_closed = True
+                store.master_stopped(_status())
+            else:
+                store.master_heartbeat(_status(), starting=starting)
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(fn, *args, **kwargs)
@@ -152,6 +197,15 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             return ClaimOutcome(drain=agent.state == "draining")
         return store.claim(agent_id, body.max_tasks, body.completions, body.acks)
 
+    async def directory_heartbeat() -> None:
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval_s)
+            try:
+                await call(_directory_write)
+            except Exception:  # the database may be away; the next beat tries again
+                stats.unhandled_exceptions += 1
+                log.exception("event=master_heartbeat_failed master=%s", cfg.master_id)
+
     async def ticker() -> None:
         while True:
             await asyncio.sleep(cfg.recheck_interval_s)
@@ -179,7 +233,17 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             store.dialect,
             cfg.master_id,
         )
-        tasks = [asyncio.create_task(reaper()), asyncio.create_task(ticker())]
+        try:  # listed in the directory before the first request is served
+            await call(_directory_write, True)
+        except Exception:
+            stats.unhandled_exceptions += 1
+            log.exception("event=master_heartbeat_failed master=%s", cfg.master_id)
+        log.info("event=master_directory master=%s url=%s role=%s", cfg.master_id, url, cfg.role)
+        tasks = [
+            asyncio.create_task(reaper()),
+            asyncio.create_task(ticker()),
+            asyncio.create_task(directory_heartbeat()),
+        ]
         try:
             yield
         finally:
@@ -190,6 +254,10 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
                 await call(store.release_lock, cfg.master_id)
             except Exception:
                 log.warning("event=maintenance_release_failed master=%s", cfg.master_id)
+            try:  # leave the directory at once instead of after the heartbeat timeout
+                await call(_directory_write, False, True)
+            except Exception:
+                log.warning("event=master_stop_record_failed master=%s", cfg.master_id)
 
     app = FastAPI(
         title="herder master",
@@ -204,6 +272,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     app.state.stopping = False
     app.state.maintenance = False
     app.state.master_id = cfg.master_id
+    app.state.url = url
     app.add_middleware(StatsMiddleware, stats=stats)
 
     # ---------------------------------------------------------------- errors
@@ -241,6 +310,60 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(stats.prometheus(), media_type="text/plain; version=0.0.4")
+
+    # -------------------------------------------------------------- masters
+    # Routes with a trailing segment come first: {master_id:path} takes a
+    # directory id, a URL (percent-encoded or not) or the host:port of one.
+
+    @app.post(
+        "/api/v1/masters/{master_id:path}/failures",
+        response_model=MasterFailureView,
+        status_code=201,
+        responses=ERRORS,
+    )
+    async def report_master_failure(master_id: str, body: MasterFailureReport) -> Response:
+        """Record an agent's or client's failure to reach a master (DESIGN §6).
+
+        ``master_id`` is its directory id, its URL, or the ``host:port`` of its
+        URL. The directory hides the master until its next heartbeat. 404
+        ``not_found`` ("no master … in the directory") for an unknown master.
+        """
+        view = await call(store.report_master_failure, master_id, body)
+        log.info(
+            "event=master_failure_reported master=%s kind=%s reporter=%s request=%r",
+            view.master_id,
+            view.kind,
+            view.reporter,
+            view.request,
+        )
+        return _json(view, 201)
+
+    @app.get(
+        "/api/v1/masters/{master_id:path}/failures",
+        response_model=MasterFailureList,
+        responses=ERRORS,
+    )
+    async def list_master_failures(
+        master_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> Response:
+        """Failures reported for a master, newest first."""
+        failures = await call(store.list_master_failures, master_id, limit)
+        return _json(MasterFailureList(failures=failures))
+
+    @app.get("/api/v1/masters", response_model=MasterList, responses=ERRORS)
+    async def list_masters(
+        include_all: Annotated[
+            bool,
+            Query(alias="all", description="every master, with its state and failures"),
+        ] = False,
+    ) -> Response:
+        """The master directory: masters that are up (heartbeat fresh, no failure since)."""
+        return _json(MasterList(masters=await call(store.list_masters, include_all)))
+
+    @app.get("/api/v1/masters/{master_id:path}", response_model=MasterView, responses=ERRORS)
+    async def get_master(master_id: str) -> Response:
+        """One master, whatever its state, by directory id, URL or ``host:port``."""
+        return _json(await call(store.get_master, master_id))
 
     # ------------------------------------------------------------------ jobs
 

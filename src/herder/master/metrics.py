@@ -21,6 +21,8 @@ class MasterStats:
     total_seconds: float = 0.0
     reaped: int = 0  # tasks requeued or failed by this master's maintenance
     maintenance: bool = False  # holds the maintenance lock now
+    master_id: str = ""  # its id in the master directory
+    url: str = ""  # the URL it advertises in the directory
 
     @property
     def average_seconds(self) -> float:
@@ -52,8 +54,16 @@ class MasterStats:
             "# HELP herder_start_time_seconds Unix time this master started.",
             "# TYPE herder_start_time_seconds gauge",
             f"herder_start_time_seconds {self.started_at:.3f}",
+            "# HELP herder_master_info This master's directory id and advertised URL.",
+            "# TYPE herder_master_info gauge",
+            f'herder_master_info{{id="{_label(self.master_id)}",url="{_label(self.url)}"}} 1',
         ]
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class StatsMiddleware:

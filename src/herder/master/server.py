@@ -27,7 +27,32 @@ _STORE_ENV: dict[str, tuple[str, type]] = {
 _CONFIG_ENV: dict[str, str] = {
     "HERDER_REAP_INTERVAL_S": "reap_interval_s",
     "HERDER_MAINTENANCE_TTL_S": "maintenance_ttl_s",
+    # The master directory: heartbeat interval and timeout (default 3 intervals).
+    "HERDER_MASTER_HEARTBEAT_S": "heartbeat_interval_s",
+    "HERDER_MASTER_TIMEOUT_S": "heartbeat_timeout_s",
 }
+
+
+def default_advertise_url(host: str, port: int) -> str:
+    """``http://<listen host>:<port>`` (IPv6 bracketed); this machine's name for a wildcard host."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn() or socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def normalize_advertise_url(url: str) -> str:
+    """An advertised URL: http(s)://host[:port][/prefix], without a trailing slash."""
+    from urllib.parse import urlsplit
+
+    cleaned = url.strip().rstrip("/")
+    parts = urlsplit(cleaned)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"advertise URL {url!r} is not an http(s)://host[:port] URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"advertise URL {url!r} has a query or fragment")
+    return cleaned
 
 
 def store_options_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -66,6 +91,7 @@ def serve(
     ack_timeout_s: float = 30.0,
     config: MasterConfig | None = None,
     access_log: bool = False,
+    advertise_url: str | None = None,
 ) -> None:
     store = Store.open(
         db_url,
@@ -85,6 +111,10 @@ def serve(
         for env, attr in _CONFIG_ENV.items():
             if os.environ.get(env):
                 setattr(config, attr, float(os.environ[env]))
+    if advertise_url:
+        config.url = normalize_advertise_url(advertise_url)
+    elif config.url is None:
+        config.url = default_advertise_url(host, port)
     app = create_app(store, config)
     try:
         server = _Server(

@@ -207,6 +207,8 @@ agents = sa.Table(
     sa.Column("usage", sa.JSON, nullable=True),
     # Set by `herder drain` (POST /agents/{id}/drain); kept until undrained.
     sa.Column("drain_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    # "master" or "autonomous" (claiming from the database itself), from its heartbeats.
+    sa.Column("mode", sa.String(16), nullable=False, server_default="master"),
 )
 
 # herder.core.rules.BlocklistPolicy: strikes of an agent on a job, and the block.
@@ -256,4 +258,48 @@ events = sa.Table(
     sa.Column("reason", sa.Text, nullable=True),
     sa.Index("ix_events_job_id_id", "job_id", "id"),
     sa.Index("ix_events_task_id_id", "task_id", "id"),
+)
+
+# The master directory (DESIGN §4, §6; seeds/000, seeds/001): one row per
+# master, upserted by its heartbeat (database clock). Visibility is
+# herder.core.rules.master_visible.
+masters = sa.Table(
+    "masters",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # hostname:listen-host:port
+    sa.Column("url", sa.Text, nullable=False),  # what agents and clients use
+    sa.Column("role", sa.String(16), nullable=False, server_default="read-write"),
+    sa.Column("state", sa.String(16), nullable=False),  # up, failed, stopped (as last written)
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("last_heartbeat_at", UTCDateTime, nullable=False),
+    # Its own timeout (it knows its heartbeat interval), judged by the database clock.
+    sa.Column("heartbeat_timeout_s", sa.Float, nullable=False),
+    sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("unhandled_exceptions", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("avg_request_ms", sa.Float, nullable=False, server_default="0"),
+    sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("version", sa.String(100), nullable=True),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_failure_at", UTCDateTime, nullable=True),
+)
+
+# Failures to reach a master, reported by agents and clients
+# (POST /api/v1/masters/{id}/failures).
+master_failures = sa.Table(
+    "master_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "master_id",
+        sa.String(200),
+        sa.ForeignKey("masters.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("reported_at", UTCDateTime, nullable=False),  # the reporter's clock ("time")
+    sa.Column("received_at", UTCDateTime, nullable=False),  # the database clock
+    sa.Column("reporter", sa.String(200), nullable=False),
+    sa.Column("request", sa.String(500), nullable=False),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("url", sa.Text, nullable=True),
+    sa.Index("ix_master_failures_master_id_id", "master_id", "id"),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from herder.api_models import (
     AgentView,
@@ -12,12 +13,15 @@ from herder.api_models import (
     EventView,
     JobSummary,
     JobView,
+    MasterFailureView,
+    MasterView,
     OutputFile,
     RequiredFile,
     ResourceUsage,
     StageView,
     TaskView,
 )
+from herder.core.rules import master_down_reason, master_state
 
 API = "/api/v1"
 
@@ -40,6 +44,10 @@ def log_href(attempt_id: int) -> str:
 
 def agent_href(agent_id: str) -> str:
     return f"{API}/agents/{agent_id}"
+
+
+def master_href(master_id: str) -> str:
+    return f"{API}/masters/{quote(master_id, safe=':')}"
 
 
 def blob_href(digest: str) -> str:
@@ -190,6 +198,7 @@ def agent_view(r: Any, running: int, now: datetime, offline_after_s: float) -> A
         running=running,
         usage=ResourceUsage.model_validate(r.usage) if r.usage else None,
         talkback_url=r.talkback_url,
+        mode=r.mode,
     )
 
 
@@ -205,4 +214,42 @@ def event_view(r: Any) -> EventView:
         from_state=r.from_state,
         to_state=r.to_state,
         reason=r.reason,
+    )
+
+
+def master_view(r: Any, now: datetime) -> MasterView:
+    """A ``masters`` row as the directory shows it; state by ``herder.core.rules``."""
+    args = (r.state, r.last_heartbeat_at, r.last_failure_at, now, r.heartbeat_timeout_s)
+    why = master_down_reason(*args)
+    return MasterView(
+        id=r.id,
+        href=master_href(r.id),
+        url=r.url,
+        role=r.role,
+        state=master_state(*args).value,
+        down_reason=why.value if why is not None else None,
+        started_at=r.started_at,
+        last_heartbeat_at=r.last_heartbeat_at,
+        heartbeat_timeout_s=r.heartbeat_timeout_s,
+        version=r.version,
+        requests=r.requests,
+        unhandled_exceptions=r.unhandled_exceptions,
+        avg_request_ms=r.avg_request_ms,
+        in_flight=r.in_flight,
+        failures=r.failures,
+        last_failure_at=r.last_failure_at,
+        failures_href=f"{master_href(r.id)}/failures",
+    )
+
+
+def master_failure_view(r: Any) -> MasterFailureView:
+    return MasterFailureView(
+        id=r.id,
+        master_id=r.master_id,
+        time=r.reported_at,
+        received_at=r.received_at,
+        reporter=r.reporter,
+        request=r.request,
+        kind=r.kind,
+        url=r.url,
     )
