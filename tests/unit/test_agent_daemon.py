@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from herder.agent.daemon import Agent, AgentConfig, Backoff
+from herder.agent.journal import Journal, JournalEntry
 from herder.api_models import (
     AgentRegister,
     AgentView,
@@ -27,6 +29,14 @@ from herder.api_models import (
     RequiredFile,
 )
 from herder.client import NoMasterAvailable, StaleAttemptError
+
+
+class _HeartbeatResponse(HeartbeatResponse):
+    drain: bool = False  # the master's field (declared here too: it may not exist yet)
+
+
+class _ClaimResponse(ClaimResponse):
+    drain: bool = False
 
 
 class FakeMaster:
@@ -51,6 +61,8 @@ class FakeMaster:
         self.cancel_next: list[int] = []
         self.stale_ids: set[int] = set()
         self.fail_claims = 0  # the next N claims raise NoMasterAvailable
+        self.down = False  # every call raises NoMasterAvailable
+        self.drain = False  # heartbeats and claims answer drain=True
         self.offers: dict[int, Offer] = {}
 
     # -- test helpers
@@ -105,8 +117,13 @@ class FakeMaster:
             last_seen_at=None,
         )
 
+    def _check_up(self, what: str) -> None:
+        if self.down:
+            raise NoMasterAvailable("POST", what, [])
+
     def claim(self, agent_id: str, req: ClaimRequest) -> ClaimResponse:
         with self.lock:
+            self._check_up("/claim")
             self.claims.append(req)
             if self.fail_claims > 0:
                 self.fail_claims -= 1
@@ -132,15 +149,13 @@ class FakeMaster:
                 deadline = time.monotonic() + req.wait_s
                 while req.max_tasks and not self.queue and time.monotonic() < deadline:
                     self.lock.wait(deadline - time.monotonic())
-                offers = [
-                    self._offer(self.queue.pop(0))
-                    for _ in range(min(req.max_tasks, len(self.queue)))
-                ]
+                n = 0 if self.drain else min(req.max_tasks, len(self.queue))
+                offers = [self._offer(self.queue.pop(0)) for _ in range(n)]
                 self.outstanding.update(o.attempt_id for o in offers)
             finally:
                 self.in_flight -= req.max_tasks
             self.lock.notify_all()
-            return ClaimResponse(offers=offers, completions=results, lease_s=3.0)
+            return _ClaimResponse(offers=offers, completions=results, lease_s=3.0, drain=self.drain)
 
     def ack(self, attempt_id: int, token: str) -> None:
         with self.lock:
@@ -154,14 +169,17 @@ class FakeMaster:
 
     def heartbeat(self, agent_id: str, hb: Heartbeat) -> HeartbeatResponse:
         with self.lock:
+            self._check_up("/heartbeat")
             self.heartbeats.append(hb)
             cancel, self.cancel_next = self.cancel_next, []
-        return HeartbeatResponse(cancel=cancel, lease_s=3.0)
+        return _HeartbeatResponse(cancel=cancel, lease_s=3.0, drain=self.drain)
 
     def missing_blobs(self, digests: list[str]) -> list[str]:
+        self._check_up("/blobs/missing")
         return [d for d in digests if d not in self.blobs]
 
     def put_blob(self, digest: str, data: bytes) -> None:
+        self._check_up("/blobs")
         assert hashlib.sha256(data).hexdigest() == digest
         self.blobs[digest] = data
 
@@ -439,3 +457,158 @@ def test_config_defaults(tmp_path: Path) -> None:
     assert cfg.slots >= 1 and cfg.poll_wait_s == 20.0 and cfg.drain_timeout_s == 30.0
     with pytest.raises(ValueError):
         AgentConfig(masters=["x"], slots=0)
+
+
+# ------------------------------------------------------------------ journal
+
+
+def _journal_files(state: Path) -> list[str]:
+    d = state / "journal"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_journal_entries_roundtrip(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    c = Completion(attempt_id=7, token="t7", outcome="exited", exit_code=0)
+    j.write(JournalEntry(completion=c, blobs={"ab" * 32: "/x/y"}, agent_id="ag", task_id=3))
+    (tmp_path / "j" / ".a8.123.tmp").write_text("half")  # a write that never completed
+    (tmp_path / "j" / "a9.json").write_text("{not json")
+    (e,) = j.load()
+    assert e.completion == c and e.blobs == {"ab" * 32: "/x/y"} and e.task_id == 3
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["a7.json", "a9.json.bad"]
+    assert 7 in j
+    j.remove(7)
+    j.remove(7)  # idempotent
+    assert j.load() == []
+
+
+def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
+    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]]
+) -> None:
+    fake, run = start(slots=1, delivery_timeout_s=0.3)
+    fake.add("sleep 0.3; echo result > out.txt")
+    fake.wait_for(lambda: bool(fake.outstanding))
+    with fake.lock:
+        fake.down = True  # the master goes away while the task runs
+    state = tmp_path / "state"
+    fake.wait_for(lambda: _journal_files(state) != [], timeout=10)
+    assert run.stop() == 0
+    (aid,) = fake.offers
+    assert _journal_files(state) == [f"a{aid}.json"]
+    assert fake.completions == {}
+    # the output's bytes are kept with the journal entry (in the sandbox)
+    entry = json.loads((state / "journal" / f"a{aid}.json").read_text())
+    (blob_path,) = entry["blobs"].values()
+    assert Path(blob_path).read_bytes() == b"result\n"
+
+    # a new agent process (same state dir) delivers it, once, before claiming
+    with fake.lock:
+        fake.down = False
+        fake.blobs.clear()
+    agent = Agent(make_config(tmp_path, slots=1), client=fake)
+    run2 = Running(agent)
+    fake.wait_for(lambda: aid in fake.completions)
+    fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 2)
+    run2.stop()
+    first = next(c for c in fake.claims if c.completions)
+    assert [c.attempt_id for c in first.completions] == [aid]
+    delivered = [c for req in fake.claims for c in req.completions if c.attempt_id == aid]
+    assert len(delivered) == 1
+    c = fake.completions[aid]
+    assert (c.outcome, c.exit_code) == ("exited", 0)
+    assert [o.path for o in c.outputs] == ["out.txt"]
+    assert fake.blobs[c.outputs[0].digest] == b"result\n"
+    assert _journal_files(state) == []
+    assert agent.config.work_root is not None and list(agent.config.work_root.iterdir()) == []
+
+
+def test_journaled_completion_for_reassigned_task_is_discarded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    sandbox = state / "work" / "a41"
+    (sandbox / "work").mkdir(parents=True)
+    (sandbox / "work" / "o").write_bytes(b"late")
+    digest = hashlib.sha256(b"late").hexdigest()
+    Journal(state / "journal").write(
+        JournalEntry(
+            completion=Completion(
+                attempt_id=41,
+                token="tok41",
+                outcome="exited",
+                exit_code=0,
+                outputs=[{"path": "o", "digest": digest, "size": 4}],  # type: ignore[list-item]
+            ),
+            blobs={digest: str(sandbox / "work" / "o")},
+        )
+    )
+    (state / "work" / "a40").mkdir()  # a leftover sandbox with no journal entry
+    fake = FakeMaster(1)
+    fake.stale_ids.add(41)  # the task was given to another agent meanwhile
+    agent = Agent(make_config(tmp_path, slots=1), client=fake)
+    run = Running(agent)
+    fake.wait_for(lambda: agent.stats["stale"] == 1)
+    fake.wait_for(lambda: _journal_files(state) == [])
+    run.stop()
+    assert fake.completions == {}
+    assert list((state / "work").iterdir()) == []
+
+
+def test_long_task_is_journaled_before_its_first_delivery(
+    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]]
+) -> None:
+    state = tmp_path / "state"
+    seen: list[list[str]] = []
+    fake = FakeMaster(1)
+    real_claim = fake.claim
+
+    def claim(agent_id: str, req: ClaimRequest) -> ClaimResponse:
+        if req.completions:
+            seen.append(_journal_files(state))
+        return real_claim(agent_id, req)
+
+    fake.claim = claim  # type: ignore[method-assign]
+    fake.add("sleep 0.2")
+    fake.add("true")
+    fake, run = start(slots=1, master=fake, journal_min_s=0.15)
+    fake.wait_for(lambda: len(fake.completions) == 2)
+    run.stop()
+    first, _second = sorted(fake.completions)
+    assert seen[0] == [f"a{first}.json"]  # 0.2 s ≥ journal_min_s: journaled first
+    assert seen[1] == []  # a short task is not
+    assert _journal_files(state) == []
+
+
+def test_drain_order_finishes_running_tasks_and_exits(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=2, drain_timeout_s=0.1)
+    fake.add("sleep 0.8; echo done > r")
+    fake.wait_for(lambda: bool(fake.outstanding))
+    with fake.lock:
+        fake.drain = True
+        n_claims = len(fake.claims)
+    fake.add("true")  # must not be claimed any more
+    run.thread.join(10)
+    assert not run.thread.is_alive() and run.rc == 0  # it exits by itself
+    (c,) = fake.completions.values()
+    assert (c.outcome, c.exit_code) == ("exited", 0)  # finished, not released (no timeout)
+    assert all(req.max_tasks == 0 for req in fake.claims[n_claims + 1 :])
+    assert len(fake.queue) == 1
+
+
+def test_second_signal_hands_back_at_once(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1, drain_timeout_s=30)
+    fake.add("sleep 100")
+    fake.wait_for(lambda: bool(fake.outstanding))
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    run.agent.on_signal()
+    time.sleep(0.2)
+    assert run.thread.is_alive()  # the first signal drains
+    run.agent.on_signal()
+    run.thread.join(10)
+    assert time.monotonic() - t0 < 5 and run.rc == 0
+    (c,) = fake.completions.values()
+    assert c.outcome == "released"

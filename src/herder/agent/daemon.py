@@ -2,25 +2,36 @@
 
 Threads, not asyncio:
 
-- the **dispatcher** claims as many tasks as there are free slots in one
-  request (long-polling when it has nothing else to do) and starts one runner
-  per offer; it also re-delivers completions that could not be delivered;
-- a **runner** stages and runs one attempt, uploads the outputs the blob store
-  lacks, then delivers its completion *together with a claim for the slot it
-  frees* (one round trip per task) and runs what comes back;
-- the **heartbeat** thread renews leases, reports resource usage and kills
-  the attempts the master says to cancel;
+- ``slots`` **slot threads** (started once) take offers from the ready queue,
+  stage and run them, upload the outputs, and put the completion in the
+  outbox. They never talk to the master about claims;
+- the **sender** delivers the outbox *together with a claim for the slots it
+  frees* (one round trip, one transaction for all of them). Completions that
+  finish while a request is in flight share the next one; a completion waits
+  up to ``batch_wait_s`` for young sibling attempts so that short tasks fall
+  into step and share requests. A failed delivery is journaled and retried
+  with backoff;
+- the **poller** claims for idle slots when nothing is being delivered
+  (long-polling while the farm is idle);
+- the **heartbeat** thread renews leases, reports resource usage, kills the
+  attempts the master says to cancel and obeys a drain order;
 - the **log shipper** sends new stdout/stderr of running attempts every
-  ``log_interval_s`` and sends the acks that no claim carried in time.
+  ``log_interval_s`` and sends the acks that no claim carried in time;
+- the executor's **cleaner** removes sandboxes once their completion is
+  acknowledged, off the critical path.
 
 Acks are piggy-backed: a started attempt's ack waits ``ack_delay_s`` for the
-next claim request (any runner's or the dispatcher's); a completion implies
-it. Only attempts that run longer than that cost one extra ``ack`` request,
-so a short task costs exactly one round trip.
+next claim request; a completion implies it. Only attempts that run longer
+than that cost one extra ``ack`` request.
 
-Slots are counted under one lock: ``busy`` (attempts whose process is being
-prepared or runs) plus ``reserved`` (slots asked for by claims in flight)
-never exceed ``slots``, so the dispatcher and runners never over-claim.
+Slots are counted under one lock: ``busy`` (offers handed to slots and not
+completed yet) plus ``reserved`` (slots asked for by claims in flight) never
+exceed ``slots``, and the poller never claims while completions wait in the
+outbox, so the agent never over-claims.
+
+Completions the master has not acknowledged can be kept in the journal
+(``herder.agent.journal``): a restarted agent delivers them, still fenced,
+before it claims anything.
 """
 
 from __future__ import annotations
@@ -28,12 +39,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +54,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from herder.agent.executor import ExecResult, ExecSpec, Execution, Executor, StagingError
+from herder.agent.journal import Journal, JournalEntry
 from herder.api_models import (
     AgentRegister,
     AgentView,
@@ -97,6 +111,12 @@ class AgentConfig:
     backoff_base_s: float = 0.25
     backoff_max_s: float = 30.0
     delivery_timeout_s: float = 30.0  # after draining, how long to keep trying to deliver
+    journal_min_s: float = 1.0  # journal a completion before sending when the task ran this long
+    # A completion waits up to batch_wait_s for attempts that started less than
+    # batch_young_s ago (likely short ones) to finish, so that one request
+    # carries them all (DESIGN §10). Long-running siblings never delay it.
+    batch_wait_s: float = 0.01
+    batch_young_s: float = 0.1
     token: str | None = None
     verify: bool | str = True
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -172,19 +192,25 @@ def _retry_after(exc: BaseException) -> float | None:
 
 @dataclass
 class _Attempt:
-    offer: Offer
+    attempt_id: int
+    token: str
+    offer: Offer | None = None  # None for a completion loaded from the journal
     execution: Execution | None = None
     stale: bool = False  # the master no longer wants it: kill, never report
     unsent: list[LogChunk] = field(default_factory=list)  # log a failed append_log kept
     completion: Completion | None = None
+    blobs: dict[str, Path] = field(default_factory=dict)  # output digest -> file with its bytes
+    uploaded: bool = True  # False: the master may lack some of ``blobs``
+    journaled: bool = False
+    sandbox: Path | None = None  # to remove once delivered (journal entries)
+
+    @classmethod
+    def of(cls, offer: Offer) -> _Attempt:
+        return cls(offer.attempt_id, offer.token, offer)
 
     @property
     def id(self) -> int:
-        return self.offer.attempt_id
-
-    @property
-    def token(self) -> str:
-        return self.offer.token
+        return self.attempt_id
 
 
 class Agent:
@@ -213,43 +239,72 @@ class Agent:
             base_env=config.env,
             kill_grace_s=config.kill_grace_s,
         )
+        self.journal = Journal(config.state_dir / "journal")
         self.agent_id: str | None = None
         self.lease_s = 30.0
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._busy = 0
-        self._reserved = 0
+        self._cond = threading.Condition(self._lock)  # slot counts changed (poller, drain)
+        self._send_cond = threading.Condition(self._lock)  # the outbox gained work
+        self._slot_cond = threading.Condition(self._lock)  # an offer is ready for a slot
+        self._busy = 0  # offers handed to slots and not completed yet
+        self._reserved = 0  # slots asked for by claims in flight
         self._attempts: dict[int, _Attempt] = {}
         self._acks: dict[int, float] = {}  # attempt id -> when it must be sent
-        self._undelivered: list[_Attempt] = []
+        self._ready: deque[Offer] = deque()  # offers waiting for a slot thread
+        self._outbox: list[_Attempt] = []  # completions waiting to be delivered
+        self._outbox_since = 0.0  # when the oldest outbox entry arrived
+        self._started: dict[int, float] = {}  # running attempt -> when its slot took it
+        self._sending = False  # the sender has a request in flight
         self._stop = threading.Event()  # stop claiming (drain)
         self._halt = threading.Event()  # stop everything
+        self._drain_until = math.inf  # monotonic deadline for running tasks once stopping
+        self._signals_seen = 0
         self._threads: list[threading.Thread] = []
-        self._runners: set[threading.Thread] = set()
-        self.stats = {"claims": 0, "completed": 0, "stale": 0, "acks_sent": 0}
+        self.stats = {"claims": 0, "completed": 0, "stale": 0, "acks_sent": 0, "journaled": 0}
 
     # ------------------------------------------------------------- lifecycle
 
-    def request_stop(self) -> None:
-        """Stop claiming new work and drain (safe from a signal handler)."""
+    def request_stop(self, timeout: float | None = None) -> None:
+        """Stop claiming new work and drain (safe from a signal handler).
+
+        Running tasks get ``timeout`` seconds (default ``drain_timeout_s``;
+        ``math.inf``: as long as they need) to finish; then they are killed
+        and handed back. A later call can only shorten that.
+        """
+        if timeout is None:
+            timeout = self.config.drain_timeout_s
+        self._drain_until = min(self._drain_until, time.monotonic() + timeout)
         self._stop.set()
         # Never block in a signal handler: notify the condition from a thread.
         threading.Thread(target=self._notify, daemon=True).start()
 
+    def on_signal(self) -> None:
+        """SIGTERM/SIGINT: the first drains (``drain_timeout_s``); a second one hands back now."""
+        self._signals_seen += 1
+        self.request_stop(self.config.drain_timeout_s if self._signals_seen == 1 else 0.0)
+
     def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
+            self._send_cond.notify_all()
+            self._slot_cond.notify_all()
 
     def run(self) -> int:
-        """Register, work until :meth:`request_stop`, drain, deliver. Returns 0."""
+        """Register, deliver the journal, work until stopped, drain, deliver. Returns 0."""
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        purged = self.executor.purge_stale()
+        journaled = self.journal.load()
+        purged = self.executor.purge_stale(keep={e.attempt_id for e in journaled})
         if purged:
             log.info("event=purged_sandboxes count=%d", purged)
         if not self.register():
+            self._halt.set()
             return 0
-        self._start_thread("herder-dispatch", self._dispatch_loop)
+        self._restore_journal(journaled)
+        for i in range(cfg.slots):
+            self._start_thread(f"herder-slot-{i}", self._slot_loop)
+        self._start_thread("herder-send", self._send_loop)
+        self._start_thread("herder-poll", self._poll_loop)
         self._start_thread("herder-heartbeat", self._heartbeat_loop)
         self._start_thread("herder-logs", self._log_loop)
         try:
@@ -276,47 +331,91 @@ class Agent:
 
     def _drain(self) -> None:
         cfg = self.config
-        log.info("event=draining running=%d timeout_s=%g", self._busy, cfg.drain_timeout_s)
-        deadline = time.monotonic() + cfg.drain_timeout_s
+        log.info(
+            "event=draining running=%d timeout_s=%g",
+            self._busy,
+            max(self._drain_until - time.monotonic(), 0.0),
+        )
         with self._cond:
             self._cond.notify_all()
-            while self._busy > 0 and time.monotonic() < deadline:
-                self._cond.wait(min(0.2, max(deadline - time.monotonic(), 0.01)))
+            while self._busy > 0 and time.monotonic() < self._drain_until:
+                left = self._drain_until - time.monotonic()
+                self._cond.wait(min(0.2, max(left, 0.01)))
             still = self._busy
         if still:
             log.warning("event=drain_timeout killing=%d", still)
             self.executor.kill_all("released", "agent shutting down (drain timeout)")
-        # Runners now report (claims with max_tasks=0); wait for their deliveries.
-        # Completions whose delivery failed are retried here (with backoff) in
-        # case the dispatcher is stuck in a long-poll.
+        # Slots now report (claims with max_tasks=0); the sender delivers, retrying
+        # with backoff. Whatever cannot be delivered in time stays in the journal.
         deadline = time.monotonic() + cfg.delivery_timeout_s + cfg.kill_grace_s
-        backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-        next_try = 0.0
-        while time.monotonic() < deadline:
-            with self._lock:
-                runners = [t for t in self._runners if t.is_alive()]
-                left = len(self._attempts)
-            if not runners and not left:
-                break
-            now = time.monotonic()
-            if not runners and now >= next_try:
-                if self._deliver_undelivered_once():
-                    backoff.reset()
-                else:
-                    next_try = now + backoff.next()
-            time.sleep(0.05)
-        with self._lock:
-            lost = [a.id for a in self._attempts.values()]
-        if lost:
-            log.error("event=undelivered attempts=%s", lost)
+        with self._cond:
+            while (self._busy or self._outbox or self._sending) and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(deadline - time.monotonic(), 0.01)))
+            undelivered = [a for a in self._attempts.values() if a.completion is not None]
+            running = [a.id for a in self._attempts.values() if a.completion is None]
+        for att in undelivered:
+            self._journal(att)
+        if undelivered:
+            log.warning(
+                "event=undelivered_journaled attempts=%s journal=%s",
+                [a.id for a in undelivered],
+                self.journal.root,
+            )
+        if running:
+            log.error("event=attempts_abandoned attempts=%s", running)
         self._halt.set()
         self._notify()
         for t in self._threads:
-            if t.name != "herder-dispatch":
+            if t.name != "herder-poll":
                 t.join(timeout=2)
-        # The dispatcher may sit in a long-poll; it releases whatever arrives late.
-        self._threads[0].join(timeout=1.0)
+        # The poller may sit in a long-poll; it hands back whatever arrives late.
+        for t in self._threads:
+            if t.name == "herder-poll":
+                t.join(timeout=1.0)
+        if not self.executor.cleaner.flush(timeout=10.0):
+            log.warning("event=cleanup_pending count=%d", self.executor.cleaner.pending)
         log.info("event=stopped stats=%s", json.dumps(self.stats))
+
+    # -------------------------------------------------------------- journal
+
+    def _journal(self, att: _Attempt) -> None:
+        """Write ``att``'s completion to the journal (once; failures are logged)."""
+        if att.journaled or att.completion is None:
+            return
+        entry = JournalEntry(
+            completion=att.completion,
+            blobs={d: str(p) for d, p in att.blobs.items()},
+            agent_id=self.agent_id,
+            task_id=att.offer.task_id if att.offer is not None else None,
+        )
+        try:
+            self.journal.write(entry)
+        except OSError as exc:
+            log.error("event=journal_write_failed attempt=%d error=%r", att.id, str(exc))
+            return
+        att.journaled = True
+        self.stats["journaled"] += 1
+        log.debug("event=journaled attempt=%d", att.id)
+
+    def _restore_journal(self, entries: list[JournalEntry]) -> None:
+        """Queue the completions an earlier run could not deliver (before any claim)."""
+        atts = []
+        for e in entries:
+            att = _Attempt(e.attempt_id, e.completion.token, completion=e.completion)
+            att.blobs = {d: Path(p) for d, p in e.blobs.items()}
+            att.uploaded = not att.blobs
+            att.journaled = True
+            att.sandbox = self.executor.sandbox_path(e.attempt_id)
+            atts.append(att)
+        if not atts:
+            return
+        log.info("event=journal_replay attempts=%s", [a.id for a in atts])
+        with self._cond:
+            for att in atts:
+                self._attempts[att.id] = att
+            self._outbox.extend(atts)
+            self._outbox_since = time.monotonic()
+            self._send_cond.notify()
 
     # ---------------------------------------------------------- registration
 
@@ -386,25 +485,37 @@ class Agent:
             if aid in self._attempts and self._attempts[aid].completion is None:
                 self._acks.setdefault(aid, now)
 
-    def _claim(self, n: int, wait_s: float, done: list[_Attempt]) -> list[Offer] | None:
+    def _claim(self, n: int, wait_s: float, done: list[_Attempt]) -> list[Offer]:
         """One claim request for ``n`` reserved slots, carrying ``done`` and pending acks.
 
-        On success the reservation turns into busy slots for the offers; on
-        failure it is released and ``done`` goes back to the undelivered list.
-        Returns the offers to run, or None on failure.
+        Uploads the outputs of ``done`` the master may lack first. On success
+        the reservation turns into busy slots and the offers are queued for
+        the slot threads; on failure the reservation is released, ``done``
+        goes back to the outbox and the exception propagates.
         """
         assert self.agent_id is not None
         with self._lock:
             acks = self._take_acks()
-        comps = [a.completion for a in done if a.completion is not None]
-        req = ClaimRequest(max_tasks=n, wait_s=wait_s, completions=comps, acks=acks)
         try:
+            for att in done:
+                if not att.uploaded:
+                    try:
+                        self._upload(att)
+                    except Exception as exc:
+                        if not _is_client_error(exc):
+                            raise
+                        log.error("event=upload_failed attempt=%d error=%r", att.id, str(exc))
+                        self._drop_outputs(att, f"cannot upload outputs: {exc}")
+            comps = [a.completion for a in done if a.completion is not None]
+            req = ClaimRequest(max_tasks=n, wait_s=wait_s, completions=comps, acks=acks)
             resp = self.client.claim(self.agent_id, req)
         except Exception as exc:
             with self._cond:
                 self._reserved -= n
                 self._restore_acks(acks)
-                self._undelivered.extend(done)
+                if done:
+                    self._outbox[:0] = done
+                    self._outbox_since = self._outbox_since or time.monotonic()
                 self._cond.notify_all()
             if _is_outcome_unknown(exc):
                 log.warning("event=claim_outcome_unknown error=%r", str(exc))
@@ -414,6 +525,8 @@ class Agent:
         if resp.lease_s > 0:
             self.lease_s = resp.lease_s
         self._settle(done, resp.completions)
+        if getattr(resp, "drain", False):
+            self._drain_ordered()
         offers = list(resp.offers)
         with self._cond:
             self._reserved -= n
@@ -424,7 +537,9 @@ class Agent:
                 offers = offers[:n]
                 self._busy += len(offers)
                 for o in offers:
-                    self._attempts[o.attempt_id] = _Attempt(o)
+                    self._attempts[o.attempt_id] = _Attempt.of(o)
+                self._ready.extend(offers)
+                self._slot_cond.notify(len(offers))
             self._cond.notify_all()
         if late:
             self._release_late(late)
@@ -439,31 +554,36 @@ class Agent:
                 log.info("event=completion_stale attempt=%d", att.id)
             else:
                 self.stats["completed"] += 1
-                log.info(
-                    "event=completed attempt=%d outcome=%s exit=%s task_state=%s",
-                    att.id,
-                    att.completion.outcome if att.completion else None,
-                    att.completion.exit_code if att.completion else None,
-                    r.task_state if r else None,
-                )
+                if log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "event=completed attempt=%d outcome=%s exit=%s task_state=%s",
+                        att.id,
+                        att.completion.outcome if att.completion else None,
+                        att.completion.exit_code if att.completion else None,
+                        r.task_state if r else None,
+                    )
             self._forget(att)
 
     def _forget(self, att: _Attempt) -> None:
-        with self._cond:
+        """Drop an attempt the master answered for (or that is discarded)."""
+        with self._lock:
             self._attempts.pop(att.id, None)
             self._acks.pop(att.id, None)
-            self._cond.notify_all()
-        if att.execution is not None:
+        if att.journaled:
             try:
-                att.execution.cleanup()
+                self.journal.remove(att.id)
             except OSError as exc:
-                log.warning("event=cleanup_failed attempt=%d error=%r", att.id, str(exc))
+                log.warning("event=journal_remove_failed attempt=%d error=%r", att.id, str(exc))
+        if att.execution is not None:
+            att.execution.cleanup(background=True)
+        elif att.sandbox is not None:
+            self.executor.cleaner.put(att.sandbox)
 
     def _release_late(self, offers: list[Offer]) -> None:
-        """Offers that arrived after stop: hand them straight back."""
+        """Offers that arrived after stop: hand them straight back (through the outbox)."""
         atts = []
         for o in offers:
-            att = _Attempt(o)
+            att = _Attempt.of(o)
             att.completion = Completion(
                 attempt_id=o.attempt_id,
                 token=o.token,
@@ -471,131 +591,160 @@ class Agent:
                 error="agent shutting down",
             )
             atts.append(att)
-        with self._lock:
+        with self._cond:
             for att in atts:
                 self._attempts[att.id] = att
-        try:
-            self._deliver(atts)
-        except Exception as exc:
-            log.warning("event=release_failed error=%r", str(exc))
+            self._outbox.extend(atts)
+            self._outbox_since = self._outbox_since or time.monotonic()
+            self._send_cond.notify()
 
-    def _deliver(self, done: list[_Attempt]) -> None:
-        """Deliver completions with a claim for zero tasks."""
-        self._claim(0, 0.0, done)
+    # ------------------------------------------------- sender and poller
 
-    def _deliver_undelivered_once(self) -> bool:
-        """Try once to deliver what is waiting; False when that failed."""
-        with self._lock:
-            done, self._undelivered = self._undelivered, []
-        if not done:
-            return True
-        try:
-            self._deliver(done)
-        except Exception as exc:
-            log.warning("event=delivery_failed error=%r", str(exc))
-            return False
-        return True
+    def _send_loop(self) -> None:
+        """Deliver completions, each request claiming the slots they freed (§10).
 
-    # ------------------------------------------------------------ dispatcher
-
-    def _dispatch_loop(self) -> None:
+        Completions that finish while a request is in flight ride on the next
+        one together (one request, one transaction for several tasks). While
+        attempts that started less than ``batch_young_s`` ago still run, the
+        first completion waits at most ``batch_wait_s`` for them to join it:
+        short tasks then fall into step and share requests, which halves the
+        master's work per task at two slots; long tasks are never waited for.
+        """
         cfg = self.config
         backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-        while not self._halt.is_set():
+        retry_at = 0.0
+        while True:
             with self._cond:
-                while (
-                    not self._halt.is_set()
-                    and not self._undelivered
-                    and (self._stop.is_set() or self._free() <= 0)
-                ):
-                    self._cond.wait(1.0)
-                if self._halt.is_set():
-                    return
-                done, self._undelivered = self._undelivered, []
-                n = 0 if self._stop.is_set() else self._free()
+                while True:
+                    if self._halt.is_set():
+                        return
+                    now = time.monotonic()
+                    if not self._outbox:
+                        self._send_cond.wait(1.0)
+                        continue
+                    if now < retry_at:
+                        self._send_cond.wait(retry_at - now)
+                        continue
+                    linger = self._outbox_since + cfg.batch_wait_s - now
+                    if linger > 0 and not retry_at and not self._stop.is_set():
+                        young = now - cfg.batch_young_s
+                        if any(t > young for t in self._started.values()):
+                            self._send_cond.wait(linger)
+                            continue
+                    break
+                done, self._outbox = self._outbox, []
+                self._outbox_since = 0.0
+                n = 0 if self._stop.is_set() else max(self._free(), 0)
                 self._reserved += n
-            wait_s = cfg.poll_wait_s if (n > 0 and not done) else 0.0
+                self._sending = True
             try:
-                offers = self._claim(n, wait_s, done)
+                self._claim(n, 0.0, done)
             except Exception as exc:
-                if _is_client_error(exc) and done:
+                if _is_client_error(exc):
                     # The master refuses these completions outright: drop them.
                     log.error(
                         "event=completion_rejected error=%r attempts=%s",
                         str(exc),
                         [a.id for a in done],
                     )
-                    with self._lock:
-                        self._undelivered = [a for a in self._undelivered if a not in done]
+                    with self._cond:
+                        self._outbox = [a for a in self._outbox if a not in done]
                     for a in done:
                         self._forget(a)
                     continue
+                for a in done:  # keep them safe until a master answers
+                    self._journal(a)
+                delay = backoff.next(_retry_after(exc))
+                retry_at = time.monotonic() + delay
+                log.warning(
+                    "event=delivery_failed attempts=%s error=%r retry_in_s=%.2f",
+                    [a.id for a in done],
+                    str(exc),
+                    delay,
+                )
+            else:
+                backoff.reset()
+                retry_at = 0.0
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+    def _poll_loop(self) -> None:
+        """Claim for idle slots when nothing else asks: long-polls while the farm is idle."""
+        cfg = self.config
+        backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
+        while not self._halt.is_set():
+            with self._cond:
+                while not self._halt.is_set() and (
+                    self._stop.is_set() or self._free() <= 0 or self._outbox or self._sending
+                ):
+                    self._cond.wait(1.0)
+                if self._halt.is_set():
+                    return
+                n = self._free()
+                self._reserved += n
+            try:
+                self._claim(n, cfg.poll_wait_s, [])
+            except Exception as exc:
                 delay = backoff.next(_retry_after(exc))
                 log.warning("event=claim_failed error=%r retry_in_s=%.2f", str(exc), delay)
                 self._halt.wait(delay)
                 continue
             backoff.reset()
-            for o in offers or []:
-                self._spawn_runner(o)
 
-    def _spawn_runner(self, offer: Offer) -> None:
-        t = threading.Thread(
-            target=self._guard(lambda: self._runner(offer)),
-            name=f"herder-run-{offer.attempt_id}",
-            daemon=True,
-        )
+    # ----------------------------------------------------------------- slots
+
+    def _slot_loop(self) -> None:
+        """One of ``slots`` threads: run offers from the ready queue, one at a time."""
+        while True:
+            with self._cond:
+                while not self._ready and not self._halt.is_set():
+                    self._slot_cond.wait()
+                if not self._ready:
+                    return
+                offer = self._ready.popleft()
+                self._started[offer.attempt_id] = time.monotonic()
+            self._run_one(offer)
+
+    def _run_one(self, offer: Offer) -> None:
         with self._lock:
-            self._runners = {r for r in self._runners if r.is_alive()}
-            self._runners.add(t)
-        t.start()
-
-    # ---------------------------------------------------------------- runner
-
-    def _runner(self, offer: Offer | None) -> None:
-        while offer is not None:
-            offers = self._run_one(offer)
-            offer = offers[0] if offers else None
-            for o in offers[1:]:
-                self._spawn_runner(o)
-
-    def _run_one(self, offer: Offer) -> list[Offer]:
-        with self._lock:
-            att = self._attempts.get(offer.attempt_id) or _Attempt(offer)
-            self._attempts[att.id] = att
+            att = self._attempts.get(offer.attempt_id)
+            if att is None:
+                att = self._attempts[offer.attempt_id] = _Attempt.of(offer)
         ex = self.executor.execution(ExecSpec.from_offer(offer))
         att.execution = ex
-        log.debug("event=attempt_start attempt=%d task=%d", att.id, offer.task_id)
         try:
             res = self._execute(att, ex)
             completion = self._make_completion(att, ex, res)
         except Exception as exc:  # a bug here must not leak the slot
             log.exception("event=runner_error attempt=%d", att.id)
             ex.cancel("launch_failed", f"agent error: {exc}")
+            res = ExecResult("launch_failed")
             completion = Completion(
                 attempt_id=att.id,
                 token=att.token,
                 outcome="launch_failed",
                 error=_clip(f"agent error: {exc!r}"),
             )
+        att.completion = completion
+        if not att.stale and (res.duration_s >= self.config.journal_min_s or self._stop.is_set()):
+            self._journal(att)  # worth keeping across a crash before the master answers
         with self._cond:
             self._busy -= 1
+            self._started.pop(att.id, None)
             self._acks.pop(att.id, None)  # the completion implies the ack
-            att.completion = completion
-            if att.stale:
-                n = -1
-            else:
-                n = 0 if self._stop.is_set() else max(self._free(), 0)
-                self._reserved += n
-            self._cond.notify_all()
-        if n < 0:
+            discard = att.stale
+            if not discard:
+                if not self._outbox:
+                    self._outbox_since = time.monotonic()
+                self._outbox.append(att)
+                self._send_cond.notify()
+            if discard or self._stop.is_set():
+                self._cond.notify_all()
+        if discard:
             log.info("event=attempt_discarded attempt=%d", att.id)
             self._forget(att)
-            return []
-        try:
-            return self._claim(n, 0.0, [att]) or []
-        except Exception as exc:
-            log.warning("event=complete_failed attempt=%d error=%r", att.id, str(exc))
-            return []
 
     def _execute(self, att: _Attempt, ex: Execution) -> ExecResult:
         if att.stale or self._stop.is_set():
@@ -613,52 +762,68 @@ class Agent:
         return ex.wait()
 
     def _make_completion(self, att: _Attempt, ex: Execution, res: ExecResult) -> Completion:
-        error = res.error
         outputs = []
         if res.outputs and not att.stale:
+            att.blobs = {of.digest: path for of, path in res.outputs}
+            att.uploaded = False
             try:
-                self._upload(att, res)
-                outputs = res.output_files
+                self._upload(att)
             except Exception as exc:
-                log.error("event=upload_failed attempt=%d error=%r", att.id, str(exc))
-                return Completion(
-                    attempt_id=att.id,
-                    token=att.token,
-                    outcome="launch_failed",
-                    exit_code=res.exit_code,
-                    error=_clip(f"cannot upload outputs: {exc}"),
-                    log=self._final_log(att, ex),
-                )
+                if _is_client_error(exc):
+                    log.error("event=upload_failed attempt=%d error=%r", att.id, str(exc))
+                    att.blobs, att.uploaded = {}, True
+                    return Completion(
+                        attempt_id=att.id,
+                        token=att.token,
+                        outcome="launch_failed",
+                        exit_code=res.exit_code,
+                        error=_clip(f"cannot upload outputs: {exc}"),
+                        log=self._final_log(att, ex),
+                    )
+                # transient: the sender uploads before delivering (and retries)
+                log.warning("event=upload_deferred attempt=%d error=%r", att.id, str(exc))
+            outputs = res.output_files
         return Completion(
             attempt_id=att.id,
             token=att.token,
             outcome=res.outcome,
             exit_code=res.exit_code,
-            error=_clip(error) if error else None,
+            error=_clip(res.error) if res.error else None,
             outputs=outputs,
             log=self._final_log(att, ex),
         )
 
-    def _upload(self, att: _Attempt, res: ExecResult) -> None:
-        """Upload the outputs the blob store lacks; retry transient failures until halted."""
-        where = {of.digest: path for of, path in res.outputs}
-        backoff = Backoff(self.config.backoff_base_s, self.config.backoff_max_s)
-        while True:
-            try:
-                for digest in self.client.missing_blobs(list(where)):
-                    self.client.put_blob(digest, where[digest].read_bytes())
-                return
-            except Exception as exc:
-                if _is_client_error(exc) or self._halt.is_set() or att.stale:
-                    raise
-                delay = backoff.next(_retry_after(exc))
-                log.warning(
-                    "event=upload_retry attempt=%d error=%r retry_in_s=%.2f",
-                    att.id,
-                    str(exc),
-                    delay,
-                )
-                self._halt.wait(delay)
+    def _upload(self, att: _Attempt) -> None:
+        """Upload the outputs of ``att`` the blob store lacks (one try; raises on failure)."""
+        if att.blobs:
+            missing = self.client.missing_blobs(list(att.blobs))
+            for digest in missing:
+                path = att.blobs[digest]
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    if att.completion is None:
+                        raise
+                    # A journaled output is gone (sandbox removed by hand?): the
+                    # result cannot stand; report an infrastructure failure instead.
+                    log.error("event=output_lost attempt=%d path=%s", att.id, path)
+                    self._drop_outputs(att, f"outputs lost before delivery: {exc}")
+                    return
+                self.client.put_blob(digest, data)
+        att.uploaded = True
+
+    def _drop_outputs(self, att: _Attempt, error: str) -> None:
+        """Replace ``att``'s completion by an infrastructure failure without outputs."""
+        assert att.completion is not None
+        att.completion = Completion(
+            attempt_id=att.id,
+            token=att.token,
+            outcome="launch_failed",
+            exit_code=att.completion.exit_code,
+            error=_clip(error),
+            log=att.completion.log,
+        )
+        att.blobs, att.uploaded = {}, True
 
     def _final_log(self, att: _Attempt, ex: Execution) -> list[LogChunk]:
         """Everything not shipped yet; big remainders go out by append_log first."""
@@ -681,17 +846,32 @@ class Agent:
     # ------------------------------------------------------------- heartbeat
 
     def _heartbeat_loop(self) -> None:
+        """Heartbeat at once (it tells the master's lease length), then every lease / 3.
+
+        The wait is re-checked every half second, so a shorter lease learnt
+        from a claim (or a restarted master) takes effect at once.
+        """
         cfg = self.config
         backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
-        delay = self._hb_interval()
-        while not self._halt.wait(delay):
+        last = -math.inf
+        retry_in: float | None = None  # after a failure: the backoff delay
+        while True:
+            now = time.monotonic()
+            due = last + (retry_in if retry_in is not None else self._hb_interval())
+            if now < due:
+                if self._halt.wait(min(due - now, 0.5)):
+                    return
+                continue
+            if self._halt.is_set():
+                return
+            last = time.monotonic()
             try:
                 self.heartbeat_once()
                 backoff.reset()
-                delay = self._hb_interval()
+                retry_in = None
             except Exception as exc:
-                delay = min(backoff.next(_retry_after(exc)), self._hb_interval())
-                log.warning("event=heartbeat_failed error=%r retry_in_s=%.2f", str(exc), delay)
+                retry_in = min(backoff.next(_retry_after(exc)), self._hb_interval())
+                log.warning("event=heartbeat_failed error=%r retry_in_s=%.2f", str(exc), retry_in)
             with contextlib.suppress(Exception):
                 self.executor.reap_orphans()
 
@@ -714,13 +894,30 @@ class Agent:
             self.lease_s = resp.lease_s
         for aid in resp.cancel:
             self.cancel_attempt(aid, "cancelled by the master")
+        if getattr(resp, "drain", False):
+            self._drain_ordered()
         return resp
 
+    def _drain_ordered(self) -> None:
+        """The master says drain: claim nothing more, finish what runs, deliver, exit 0."""
+        if not self._stop.is_set():
+            log.info("event=drain_requested running=%d", self._busy)
+            self.request_stop(math.inf)
+
     def cancel_attempt(self, attempt_id: int, reason: str) -> None:
-        """Kill an attempt the master no longer assigns to us; its result is discarded."""
+        """Kill an attempt the master no longer assigns to us; its result is discarded.
+
+        An attempt whose process has already ended is left alone: its
+        completion goes out anyway and the master refuses it (fencing), which
+        costs one request and leaves the proof on the wire.
+        """
         with self._lock:
             att = self._attempts.get(attempt_id)
             if att is None:
+                return
+            ex = att.execution
+            if att.completion is not None or (ex is not None and ex.result is not None):
+                log.info("event=attempt_cancel_after_exit attempt=%d", attempt_id)
                 return
             att.stale = True
             self._acks.pop(attempt_id, None)
@@ -867,10 +1064,10 @@ def _signals(handler: Callable[[], None]) -> Iterator[None]:
 
 
 def run_agent(config: AgentConfig, client: AgentClient | None = None) -> int:
-    """Run an agent until SIGTERM/SIGINT; drain; return the exit status (0)."""
+    """Run an agent until SIGTERM/SIGINT or a drain order; drain; return the exit status (0)."""
     agent = Agent(config, client)
     try:
-        with _signals(agent.request_stop):
+        with _signals(agent.on_signal):
             return agent.run()
     finally:
         with contextlib.suppress(Exception):

@@ -22,6 +22,7 @@ import codecs
 import contextlib
 import logging
 import os
+import queue
 import shutil
 import signal
 import stat
@@ -29,7 +30,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -155,12 +157,14 @@ class LogTail:
 
     def read(self, limit: int, final: bool = False) -> tuple[str, bool]:
         """(new text, more bytes remain). ``final`` flushes the decoder at EOF."""
+        data = b""
         try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read(limit + 1)
+            if os.stat(self.path).st_size > self.offset:  # the common case: nothing new
+                with open(self.path, "rb") as fh:
+                    fh.seek(self.offset)
+                    data = fh.read(limit + 1)
         except FileNotFoundError:
-            data = b""
+            pass
         more = len(data) > limit
         data = data[:limit]
         self.offset += len(data)
@@ -227,6 +231,7 @@ class Execution:
         self.pgid: int | None = None
         self.result: ExecResult | None = None
         self._tails = {s: LogTail(p) for s, p in self.log_paths.items()}
+        self._log_fds: dict[Stream, int] = {}  # opened by prepare(), handed to the child
         self.log_lock = threading.Lock()  # one reader of the log tails at a time
         self._lock = threading.RLock()
         self._cancel: tuple[Outcome, str] | None = None
@@ -258,29 +263,49 @@ class Execution:
         return self.wait()
 
     def prepare(self) -> None:
-        """Create the sandbox, stage the inputs, snapshot ``work/``."""
+        """Create the sandbox, stage the inputs, snapshot ``work/``, open the log files.
+
+        The hot path (no inputs) is three ``mkdir``/``open`` system calls.
+        """
         if not self._t0:
             self._t0 = time.monotonic()
+        sandbox = str(self.sandbox)
         try:
-            if self.sandbox.exists():
+            try:
+                os.mkdir(sandbox, 0o755)
+            except FileExistsError:
                 _rmtree(self.sandbox)
-            self.work_dir.mkdir(parents=True)
-            for s in STREAMS:
-                self.log_paths[s].touch()
+                os.makedirs(sandbox, 0o755)
+            except FileNotFoundError:
+                os.makedirs(sandbox, 0o755)
+            os.mkdir(os.path.join(sandbox, "work"), 0o755)
             for req in self.spec.requires:
                 self._stage(req)
             self._snapshot = snapshot(self.work_dir) if self.spec.requires else {}
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            for s in STREAMS:
+                self._log_fds[s] = os.open(os.path.join(sandbox, s), flags, 0o644)
         except StagingError:
+            self._close_log_fds()
             raise
         except UnsafePath as exc:
+            self._close_log_fds()
             raise StagingError(f"unsafe required path: {exc}") from exc
         except OSError as exc:
+            self._close_log_fds()
             raise StagingError(f"cannot prepare sandbox {self.sandbox}: {exc}") from exc
+
+    def _close_log_fds(self) -> None:
+        fds, self._log_fds = self._log_fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def start(self) -> ExecResult | None:
         """Spawn the command. Returns a result right away when it cannot run."""
         with self._lock:
             if self._cancel is not None:
+                self._close_log_fds()
                 outcome, reason = self._cancel
                 return self._finish(ExecResult(outcome, error=reason))
             self.executor._spawning(+1)
@@ -298,6 +323,7 @@ class Execution:
                 )
             finally:
                 self.executor._spawning(-1)
+                self._close_log_fds()  # the child has its copies
         return None
 
     def wait(self) -> ExecResult:
@@ -374,9 +400,17 @@ class Execution:
                 chunks.append(LogChunk(stream=s, data=text))
         return chunks, more
 
-    def cleanup(self) -> None:
-        """Remove the sandbox (after the completion was delivered)."""
-        _rmtree(self.sandbox)
+    def cleanup(self, background: bool = False) -> None:
+        """Remove the sandbox (after the completion was delivered).
+
+        ``background``: hand it to the executor's cleaner thread, off the
+        critical path of the next task.
+        """
+        self._close_log_fds()
+        if background:
+            self.executor.cleaner.put(self.sandbox)
+        else:
+            _rmtree(self.sandbox)
 
     # -- internals ----------------------------------------------------------
 
@@ -422,36 +456,40 @@ class Execution:
         else:
             direct, shell_fallback = direct_argv(cmd), cmd
         env = self._env()
-        with (
-            open(self.log_paths["stdout"], "ab") as out,
-            open(self.log_paths["stderr"], "ab") as err,
-        ):
+        if len(self._log_fds) != len(STREAMS):  # start() without prepare()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            for st in STREAMS:
+                if st not in self._log_fds:
+                    self._log_fds[st] = os.open(self.log_paths[st], flags, 0o644)
+        out, err = self._log_fds["stdout"], self._log_fds["stderr"]
+        cwd = str(self.work_dir)
 
-            def popen(argv: list[str]) -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
-                    argv,
-                    cwd=self.work_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    close_fds=True,
-                    start_new_session=True,
-                )
+        def popen(argv: list[str]) -> subprocess.Popen[bytes]:
+            # close_fds and start_new_session cost nothing measurable next to fork/exec.
+            return subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=self.executor.devnull,
+                stdout=out,
+                stderr=err,
+                close_fds=True,
+                start_new_session=True,
+            )
 
-            if direct is None:
-                assert isinstance(cmd, str)
-                return popen([self.executor.shell, "-c", cmd])
-            try:
-                return popen(direct)
-            except FileNotFoundError:
-                raise _CommandNotRunnable(127, f"{direct[0]}: command not found") from None
-            except PermissionError:
-                raise _CommandNotRunnable(126, f"{direct[0]}: permission denied") from None
-            except OSError as exc:
-                if shell_fallback is not None:  # e.g. ENOEXEC: a script without '#!'
-                    return popen([self.executor.shell, "-c", shell_fallback])
-                raise _CommandNotRunnable(126, f"{direct[0]}: {exc.strerror or exc}") from None
+        if direct is None:
+            assert isinstance(cmd, str)
+            return popen([self.executor.shell, "-c", cmd])
+        try:
+            return popen(direct)
+        except FileNotFoundError:
+            raise _CommandNotRunnable(127, f"{direct[0]}: command not found") from None
+        except PermissionError:
+            raise _CommandNotRunnable(126, f"{direct[0]}: permission denied") from None
+        except OSError as exc:
+            if shell_fallback is not None:  # e.g. ENOEXEC: a script without '#!'
+                return popen([self.executor.shell, "-c", shell_fallback])
+            raise _CommandNotRunnable(126, f"{direct[0]}: {exc.strerror or exc}") from None
 
     def _append_stderr(self, text: str) -> None:
         with contextlib.suppress(OSError), open(self.log_paths["stderr"], "ab") as fh:
@@ -463,7 +501,12 @@ class Execution:
 
     def _collect(self, res: ExecResult) -> None:
         try:
-            got = collect(self.work_dir, self._snapshot, self.spec.outputs)
+            got = collect(
+                self.work_dir,
+                self._snapshot,
+                self.spec.outputs,
+                root_real=os.path.join(self.executor.work_root_real, self.sandbox.name, "work"),
+            )
         except OSError as exc:
             res.error = _join(res.error, f"cannot collect outputs: {exc}")
             return
@@ -534,6 +577,54 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=onerror)
 
 
+class SandboxCleaner:
+    """Removes sandboxes on a background thread, off the tasks' critical path.
+
+    Started on first use; :meth:`flush` waits until everything queued is gone.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+
+    def put(self, path: Path) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="herder-cleaner", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(path)
+
+    def _run(self) -> None:
+        while True:
+            path = self._queue.get()
+            if path is None:
+                return
+            try:
+                _rmtree(path)
+            except OSError as exc:
+                log.warning("event=cleanup_failed path=%s error=%r", path, str(exc))
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queue is empty; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+
 class Executor:
     """Creates executions under ``work_root``; shared blob cache; tracks running groups."""
 
@@ -550,6 +641,11 @@ class Executor:
     ) -> None:
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self.work_root_real = os.path.realpath(self.work_root)
+        # one /dev/null for every child's stdin (Popen would open and close one per spawn)
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self.devnull)
+        self.cleaner = SandboxCleaner()
         self.blobs = BlobCache(Path(blob_dir), fetch_blob)
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.kill_grace_s = kill_grace_s
@@ -567,12 +663,17 @@ class Executor:
         ex = self.execution(spec)
         return ex, ex.run()
 
-    def purge_stale(self) -> int:
-        """Remove sandboxes left by an earlier agent process. Returns how many."""
+    def sandbox_path(self, attempt_id: int) -> Path:
+        return self.work_root / f"{SANDBOX_PREFIX}{attempt_id}"
+
+    def purge_stale(self, keep: Collection[int] = ()) -> int:
+        """Remove sandboxes left by an earlier agent process, except ``keep``. Returns how many."""
         n = 0
         for entry in self.work_root.iterdir():
             name = entry.name
             if name.startswith(SANDBOX_PREFIX) and name[1:].isdigit() and entry.is_dir():
+                if int(name[1:]) in keep:
+                    continue
                 with self._lock:
                     if int(name[1:]) in self._running:
                         continue

@@ -74,14 +74,18 @@ def _describe(root_real: str, rel: str, full: str) -> tuple[OutputFile, Path] | 
     return of, Path(target)
 
 
-def collect(work: Path, before: Snapshot, listed: list[str] | None) -> Collected:
+def collect(
+    work: Path, before: Snapshot, listed: list[str] | None, root_real: str | None = None
+) -> Collected:
     """Outputs of a finished command in ``work``.
 
     ``listed`` None: every file created or changed since ``before``. Otherwise
     exactly those paths; a missing one is a problem, never an exception.
+    ``root_real`` is ``realpath(work)`` when the caller knows it already.
     """
     out = Collected()
-    root_real = os.path.realpath(work)
+    if root_real is None:
+        root_real = os.path.realpath(work)
     if listed is not None:
         for rel in listed:
             try:
