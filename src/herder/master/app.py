@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from herder import __version__
 from herder.api_models import (
@@ -59,6 +60,7 @@ from herder.core.rules import DEFAULT_MASTER_HEARTBEAT_S, master_timeout_s
 from herder.errors import HerderError, InvalidRequest
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.notify import WorkNotifier
+from herder.master.wake import WakeConfig, Waker
 from herder.store import Store
 from herder.store.store import ClaimOutcome, MasterStatus
 
@@ -101,6 +103,9 @@ class MasterConfig:
     role: Literal["read-write", "read-only"] = "read-write"
     heartbeat_interval_s: float = DEFAULT_MASTER_HEARTBEAT_S
     heartbeat_timeout_s: float | None = None
+    # Talkback wake-ups (herder.master.wake): when work arrives, POST wake to
+    # idle agents' talkback endpoints. Latency only; never needed for correctness.
+    wake: WakeConfig = field(default_factory=WakeConfig)
 
 
 def _json(model: BaseModel, status: int = 200) -> Response:
@@ -134,6 +139,22 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     url = cfg.url or f"http://{socket.gethostname()}:6240"
     stats = MasterStats(master_id=cfg.master_id, url=url)
     notifier = WorkNotifier()
+    # Agents with a claim parked on this master (its notifier wakes those).
+    parked: dict[str, int] = {}
+
+    async def _wake_targets(limit: int, exclude: Any) -> Any:
+        return await run_in_threadpool(store.wake_targets, limit, exclude)
+
+    async def _has_work() -> bool:
+        return await run_in_threadpool(store.has_claimable_work)
+
+    waker = Waker(cfg.wake, stats, _wake_targets, _has_work, lambda: list(parked))
+
+    def work_arrived() -> None:
+        """Tasks may have become claimable: wake parked claims here, and idle agents."""
+        notifier.notify()
+        waker.poke()
+
     # Serializes directory writes of this master, so a heartbeat still running
     # in a worker thread cannot land after the shutdown marked it stopped.
     directory_lock = threading.Lock()
@@ -184,7 +205,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
                 app.state.maintenance = stats.maintenance = holding
                 if n:
                     stats.reaped += n
-                    notifier.notify()
+                    work_arrived()
             except Exception:  # keep reaping whatever one round did
                 stats.unhandled_exceptions += 1
                 log.exception("event=reap_failed")
@@ -250,6 +271,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await waker.close()
             try:  # hand maintenance over at once instead of after the TTL
                 await call(store.release_lock, cfg.master_id)
             except Exception:
@@ -268,6 +290,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     app.state.store = store
     app.state.stats = stats
     app.state.notifier = notifier
+    app.state.waker = waker
     # Set on SIGTERM so long-polls answer at once and shutdown is not held up.
     app.state.stopping = False
     app.state.maintenance = False
@@ -294,6 +317,13 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away mid-request (an agent killed during an upload):
+        # nothing was written, nobody reads the answer, nothing is wrong here.
+        log.info("event=client_disconnected path=%s", request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -379,7 +409,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
                         "client and cannot be queued on a farm; submit remote tasks only"
                     )
         job, created = await call(store.submit_job, spec)
-        notifier.notify()
+        work_arrived()
         return _json(job, 201 if created else 200)
 
     @app.get("/api/v1/jobs", response_model=JobList, responses=ERRORS)
@@ -457,7 +487,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             )
         result, woke = await call(store.complete, body)
         if woke:
-            notifier.notify()
+            work_arrived()
         if result.result == "stale":
             return _error(
                 409,
@@ -487,19 +517,35 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
         deadline = time.monotonic() + body.wait_s
         outcome = await call(_claim_once, agent_id, body)
         if outcome.woke:
-            notifier.notify()
+            work_arrived()
         results = outcome.results
         offers = outcome.offers
         # Long-poll: nothing to offer yet, so wait for a wake-up without
         # holding a thread; only a wake-up triggers another claim.
-        while not offers and body.max_tasks > 0 and not app.state.stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or await request.is_disconnected():
-                break
-            if not await notifier.wait(remaining):
-                break
-            outcome = await call(store.claim, agent_id, body.max_tasks, [], [])
-            offers = outcome.offers
+        waiting = not offers and body.max_tasks > 0 and body.wait_s > 0
+        if waiting:
+            parked[agent_id] = parked.get(agent_id, 0) + 1
+        try:
+            while not offers and body.max_tasks > 0 and not app.state.stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or await request.is_disconnected():
+                    break
+                if not await notifier.wait(remaining):
+                    break
+                # An agent that gave up on this poll (it closed the connection)
+                # must not be offered anything here: the offer would wait for
+                # its ack deadline.
+                if await request.is_disconnected():
+                    break
+                outcome = await call(store.claim, agent_id, body.max_tasks, [], [])
+                offers = outcome.offers
+        finally:
+            if waiting:
+                left = parked.get(agent_id, 0) - 1
+                if left > 0:
+                    parked[agent_id] = left
+                else:
+                    parked.pop(agent_id, None)
         return _json(
             ClaimResponse(
                 offers=offers, completions=results, lease_s=store.lease_s, drain=outcome.drain
@@ -520,7 +566,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     @app.post("/api/v1/agents/{agent_id}/undrain", response_model=AgentView, responses=ERRORS)
     async def undrain_agent(agent_id: str) -> Response:
         view = await call(store.set_drain, agent_id, False)
-        notifier.notify()
+        work_arrived()
         return _json(view)
 
     # ----------------------------------------------------------------- blobs
