@@ -219,7 +219,15 @@ class AgentRegister(_In):
     tags: list[str] = Field(default_factory=list)
     cpus: int = Field(default=1, ge=1, le=4096)
     ram_mb: int = Field(default=0, ge=0)
-    talkback_url: str | None = None
+    talkback_url: str | None = Field(
+        default=None, max_length=500, description="the agent's talkback endpoint (DESIGN §4)"
+    )
+    talkback_token: str | None = Field(
+        default=None,
+        min_length=16,
+        max_length=200,
+        description="bearer token a master sends to the talkback endpoint; never shown back",
+    )
     version: str | None = None
     mode: AgentMode | None = Field(
         default=None, description="autonomous: it claimed from the database while masters were down"

@@ -104,7 +104,16 @@ def master(
 
 @app.command()
 def agent(
-    master: MasterOpt = "http://127.0.0.1:6240",
+    master: Annotated[
+        str | None,
+        typer.Option(
+            "--master",
+            "-m",
+            envvar="HERDER_MASTER",
+            help="Master URL(s), comma-separated, tried first in this order "
+            "(default: http://127.0.0.1:6240 unless --dns-name is given).",
+        ),
+    ] = None,
     slots: Annotated[int, typer.Option(min=1, help="Tasks run at once (default: CPU count).")] = 0,
     tags: Annotated[str, typer.Option(help="Comma-separated tags this agent offers.")] = "",
     name: Annotated[str | None, typer.Option(help="Agent name (default: hostname).")] = None,
@@ -115,14 +124,107 @@ def agent(
         float, typer.Option(help="Seconds to let running tasks finish on SIGTERM.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    talkback: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT of the agent's talkback endpoint (port 0: any free port); 'off': none."
+        ),
+    ] = "127.0.0.1:0",
+    talkback_token: Annotated[
+        str | None,
+        typer.Option(help="Bearer token of the talkback endpoint (default: random per start)."),
+    ] = None,
+    dns_name: Annotated[
+        str | None,
+        typer.Option(
+            "--dns-name",
+            help="DNS alias of the masters: SRV _herder._tcp.NAME, else its A/AAAA records "
+            "(port 6240). Tried after --master.",
+        ),
+    ] = None,
+    resolver: Annotated[
+        str | None,
+        typer.Option(
+            "--resolver", help="HOST:PORT of the DNS server to ask (default: the system's)."
+        ),
+    ] = None,
+    srv: Annotated[
+        bool | None,
+        typer.Option(
+            "--srv/--no-srv",
+            help="Only SRV records (--srv) or only A/AAAA (--no-srv); default: SRV, then A/AAAA.",
+        ),
+    ] = None,
+    backoff_max: Annotated[
+        float,
+        typer.Option(
+            "--backoff-max",
+            min=0.1,
+            help="Cap (seconds) of the exponential backoff when every master is down.",
+        ),
+    ] = 30.0,
+    self_assign: Annotated[
+        bool,
+        typer.Option(
+            "--self-assign/--no-self-assign",
+            help="When every master is down, claim work from the database itself (needs --db).",
+        ),
+    ] = False,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            envvar="HERDER_AGENT_DB",
+            help="The farm's database URL, for self-assignment (autonomous mode).",
+        ),
+    ] = None,
+    return_policy: Annotated[
+        str,
+        typer.Option(
+            "--return-policy",
+            help="Autonomous → master mode: per-task (probe the masters before each claim), "
+            "interval:SECONDS, or never (until talkback `mode` or SIGUSR1).",
+        ),
+    ] = "per-task",
+    rehome: Annotated[
+        float,
+        typer.Option(
+            "--rehome",
+            help="Every this many seconds start again from the first master candidate "
+            "(moves back to the first --master once it returns); 0: never.",
+        ),
+    ] = 60.0,
 ) -> None:
-    """Run an agent: claim tasks from the masters and run them in sandboxes."""
+    """Run an agent: claim tasks from the masters and run them in sandboxes.
+
+    Masters come from --master, then --dns-name (via --resolver), then the master
+    directory. With --self-assign and --db the agent claims from the database
+    while every master is down; SIGUSR1 (or talkback `mode`) sends it back.
+    """
     from herder.agent.daemon import AgentConfig, run_agent
     from herder.logsetup import setup_logging
 
     setup_logging(log_level)
+    from herder.agent.autonomous import ReturnPolicy
+
+    if self_assign and not db:
+        _fail("--self-assign needs --db (the farm's database URL)")
+    try:
+        ReturnPolicy.parse(return_policy)
+    except ValueError as exc:
+        _fail(f"--return-policy: {exc}")
+    if master is None and not dns_name:
+        master = "http://127.0.0.1:6240"
     kwargs: dict[str, Any] = {
-        "masters": _masters(master),
+        "masters": _masters(master) if master else [],
+        "dns_name": dns_name,
+        "resolver": resolver,
+        "srv": srv,
+        "backoff_max_s": backoff_max,
+        "self_assign": self_assign,
+        "db_url": db,
+        "return_policy": return_policy,
+        "rehome_s": rehome,
         "slots": slots or os.cpu_count() or 1,
         "tags": [t.strip() for t in tags.split(",") if t.strip()],
         "drain_timeout_s": drain_timeout,
@@ -131,6 +233,20 @@ def agent(
         kwargs["name"] = name
     if state_dir is not None:
         kwargs["state_dir"] = state_dir
+    if talkback.strip().lower() in ("off", "none", ""):
+        kwargs["talkback"] = None
+    else:
+        from herder.agent.talkback import parse_bind
+
+        try:
+            parse_bind(talkback)
+        except ValueError as exc:
+            _fail(str(exc))
+        kwargs["talkback"] = talkback
+    if talkback_token is not None:
+        if len(talkback_token) < 16:
+            _fail("--talkback-token: at least 16 characters")
+        kwargs["talkback_token"] = talkback_token
     raise typer.Exit(run_agent(AgentConfig(**kwargs)))
 
 

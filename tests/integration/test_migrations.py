@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from herder.store import Store
 from herder.store.schema import metadata
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _skip_sqlite_expression_index(

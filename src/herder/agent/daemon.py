@@ -122,6 +122,19 @@ class AgentConfig:
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     ram_mb: int = field(default_factory=_ram_mb)
     env: dict[str, str] | None = None  # base environment of tasks (default: the agent's)
+    # Talkback endpoint (herder.agent.talkback): HOST:PORT to listen on (port 0:
+    # a free one), None: no endpoint. Its URL and token go to the master at
+    # registration; a fresh random token per start unless talkback_token is set.
+    talkback: str | None = "127.0.0.1:0"
+    talkback_token: str | None = None
+    # Finding masters and autonomous mode (herder.agent.autonomous, DESIGN §6).
+    dns_name: str | None = None  # DNS alias of the masters (SRV _herder._tcp.<name>, A/AAAA)
+    resolver: str | None = None  # HOST:PORT of the DNS server to ask (default: the system's)
+    srv: bool | None = None  # None: SRV then A/AAAA; True: SRV only; False: A/AAAA only
+    self_assign: bool = False  # claim from the database when every master is down
+    db_url: str | None = None  # the farm's database (needed for self-assignment)
+    return_policy: str = "per-task"  # per-task | interval:SECONDS | never
+    rehome_s: float = 60.0  # start again from the first candidate master this often
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -213,6 +226,22 @@ class _Attempt:
         return self.attempt_id
 
 
+@dataclass
+class _Reservation:
+    """Slots held in ``Agent._reserved`` for ``claims`` requests in flight.
+
+    Normally one claim holds one reservation. A talkback ``wake`` joins the
+    parked long-poll's reservation instead of taking a second one: both
+    requests may then return offers, and they share ``n`` first come, first
+    served (plus slots free at that moment); offers beyond that are handed
+    back at once (``released``). The last request to finish returns what is
+    left of ``n``. So ``busy + reserved <= slots`` always holds.
+    """
+
+    n: int
+    claims: int = 1
+
+
 class Agent:
     def __init__(
         self,
@@ -221,14 +250,28 @@ class Agent:
         executor: Executor | None = None,
     ) -> None:
         self.config = config
+        self._modal: Any = None  # herder.agent.autonomous.ModalClient when we built the client
+        self._hb_now = threading.Event()  # heartbeat at once (the mode changed)
         if client is None:
-            from herder.client import HerderClient
+            from herder.agent.autonomous import ModalClient
 
-            client = HerderClient(
+            client = self._modal = ModalClient(
                 config.masters,
+                dns_name=config.dns_name,
+                resolver=config.resolver,
+                srv=config.srv,
                 timeout=config.request_timeout_s,
                 token=config.token,
                 verify=config.verify,
+                backoff_base_s=config.backoff_base_s,
+                backoff_max_s=config.backoff_max_s,
+                self_assign=config.self_assign,
+                db_url=config.db_url,
+                return_policy=config.return_policy,
+                rehome_s=config.rehome_s,
+                reporter=f"agent:{config.name}",
+                lease_s=lambda: self.lease_s,
+                on_mode_change=lambda _mode: self._hb_now.set(),
             )
         self.client: AgentClient = client
         assert config.work_root is not None
@@ -261,6 +304,11 @@ class Agent:
         self._signals_seen = 0
         self._threads: list[threading.Thread] = []
         self.stats = {"claims": 0, "completed": 0, "stale": 0, "acks_sent": 0, "journaled": 0}
+        # Talkback (herder.agent.talkback): the poller's parked long-poll, and
+        # whether a wake asked the poller to cut its backoff short.
+        self._parked: _Reservation | None = None
+        self._woken = False
+        self.talkback: Any = None  # TalkbackServer while running
 
     # ------------------------------------------------------------- lifecycle
 
@@ -283,6 +331,23 @@ class Agent:
         self._signals_seen += 1
         self.request_stop(self.config.drain_timeout_s if self._signals_seen == 1 else 0.0)
 
+    # ------------------------------------------------ master / autonomous mode
+
+    @property
+    def mode(self) -> str:
+        """``"master"`` or ``"autonomous"`` (claiming from the database itself, DESIGN §6)."""
+        return str(getattr(self._modal, "mode", "master"))
+
+    def request_master_mode(self) -> None:
+        """Leave autonomous mode now (talkback ``mode``, SIGUSR1; safe from a signal handler).
+
+        The next request goes to the masters; should every master still be
+        down, the agent falls back to autonomous mode again.
+        """
+        if self._modal is not None:
+            self._modal.request_master_mode()
+        self._hb_now.set()
+
     def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -297,8 +362,10 @@ class Agent:
         purged = self.executor.purge_stale(keep={e.attempt_id for e in journaled})
         if purged:
             log.info("event=purged_sandboxes count=%d", purged)
+        self._start_talkback()
         if not self.register():
             self._halt.set()
+            self._stop_talkback()
             return 0
         self._restore_journal(journaled)
         for i in range(cfg.slots):
@@ -374,6 +441,7 @@ class Agent:
                 t.join(timeout=1.0)
         if not self.executor.cleaner.flush(timeout=10.0):
             log.warning("event=cleanup_pending count=%d", self.executor.cleaner.pending)
+        self._stop_talkback()
         log.info("event=stopped stats=%s", json.dumps(self.stats))
 
     # -------------------------------------------------------------- journal
@@ -451,6 +519,8 @@ class Agent:
             cpus=max(1, cfg.cpus),
             ram_mb=max(0, cfg.ram_mb),
             version=__version__,
+            talkback_url=self.talkback.url if self.talkback is not None else None,
+            talkback_token=self.talkback.token if self.talkback is not None else None,
         )
         backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
         while not self._stop.is_set():
@@ -485,15 +555,21 @@ class Agent:
             if aid in self._attempts and self._attempts[aid].completion is None:
                 self._acks.setdefault(aid, now)
 
-    def _claim(self, n: int, wait_s: float, done: list[_Attempt]) -> list[Offer]:
+    def _claim(
+        self, n: int, wait_s: float, done: list[_Attempt], res: _Reservation | None = None
+    ) -> list[Offer]:
         """One claim request for ``n`` reserved slots, carrying ``done`` and pending acks.
 
         Uploads the outputs of ``done`` the master may lack first. On success
         the reservation turns into busy slots and the offers are queued for
         the slot threads; on failure the reservation is released, ``done``
-        goes back to the outbox and the exception propagates.
+        goes back to the outbox and the exception propagates. ``res``: the
+        reservation this request fills (default: its own, of ``n`` slots),
+        possibly shared with a talkback wake's claim (see :class:`_Reservation`).
         """
         assert self.agent_id is not None
+        if res is None:
+            res = _Reservation(n)
         with self._lock:
             acks = self._take_acks()
         try:
@@ -511,7 +587,7 @@ class Agent:
             resp = self.client.claim(self.agent_id, req)
         except Exception as exc:
             with self._cond:
-                self._reserved -= n
+                self._unreserve(res)
                 self._restore_acks(acks)
                 if done:
                     self._outbox[:0] = done
@@ -529,21 +605,39 @@ class Agent:
             self._drain_ordered()
         offers = list(resp.offers)
         with self._cond:
-            self._reserved -= n
             if self._stop.is_set():
                 late, offers = offers, []
             else:
-                late = offers[n:]  # never more than asked for (defensive)
-                offers = offers[:n]
+                # Never more than reserved (plus slots free right now): the
+                # rest of a shared reservation's offers go back at once.
+                room = res.n + max(self._free(), 0)
+                late = offers[room:]
+                offers = offers[:room]
+                took = min(len(offers), res.n)
+                res.n -= took
+                self._reserved -= took
                 self._busy += len(offers)
                 for o in offers:
                     self._attempts[o.attempt_id] = _Attempt.of(o)
                 self._ready.extend(offers)
                 self._slot_cond.notify(len(offers))
+            self._unreserve(res)
+            stopping = self._stop.is_set()
             self._cond.notify_all()
         if late:
-            self._release_late(late)
+            if stopping:
+                self._release_late(late)
+            else:
+                log.info("event=offers_released count=%d reason=no_free_slot", len(late))
+                self._release_late(late, "no free slot on the agent (a wake claimed in parallel)")
         return offers
+
+    def _unreserve(self, res: _Reservation) -> None:
+        """A request of ``res`` finished; the last one returns what is left (lock held)."""
+        res.claims -= 1
+        if res.claims <= 0:
+            self._reserved -= res.n
+            res.n = 0
 
     def _settle(self, done: list[_Attempt], results: list[CompletionResult]) -> None:
         by_id = {r.attempt_id: r for r in results}
@@ -579,8 +673,9 @@ class Agent:
         elif att.sandbox is not None:
             self.executor.cleaner.put(att.sandbox)
 
-    def _release_late(self, offers: list[Offer]) -> None:
-        """Offers that arrived after stop: hand them straight back (through the outbox)."""
+    def _release_late(self, offers: list[Offer], error: str = "agent shutting down") -> None:
+        """Offers that arrived after stop (or beyond the free slots): hand them straight back
+        (through the outbox)."""
         atts = []
         for o in offers:
             att = _Attempt.of(o)
@@ -588,7 +683,7 @@ class Agent:
                 attempt_id=o.attempt_id,
                 token=o.token,
                 outcome="released",
-                error="agent shutting down",
+                error=error,
             )
             atts.append(att)
         with self._cond:
@@ -684,14 +779,124 @@ class Agent:
                     return
                 n = self._free()
                 self._reserved += n
+                res = self._parked = _Reservation(n)  # a talkback wake may join it
+                self._woken = False
             try:
-                self._claim(n, cfg.poll_wait_s, [])
+                self._claim(n, cfg.poll_wait_s, [], res)
             except Exception as exc:
                 delay = backoff.next(_retry_after(exc))
                 log.warning("event=claim_failed error=%r retry_in_s=%.2f", str(exc), delay)
-                self._halt.wait(delay)
+                self._backoff_wait(delay)
                 continue
+            finally:
+                with self._lock:
+                    if self._parked is res:
+                        self._parked = None
             backoff.reset()
+
+    def _backoff_wait(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if halted or a talkback wake arrives."""
+        end = time.monotonic() + delay
+        with self._cond:
+            while not self._halt.is_set() and not self._woken:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._woken = False
+
+    # -------------------------------------------------------------- talkback
+
+    def wake(self) -> str:
+        """Talkback ``wake``: work arrived, claim now. Latency only; never over-claims.
+
+        - The poller is parked in a long-poll (on a master that may not know
+          of the work yet): an immediate claim joins the parked poll's
+          reservation, plus any slot nobody reserved (:class:`_Reservation`).
+          The parked poll stays: a blocking request cannot be aborted from
+          another thread without the client taking it for a master failure.
+          Whichever answer comes first fills the slots; the other's offers
+          beyond the free slots go back at once (``released``: requeued
+          straight away, no retry budget used). Nothing is lost or doubled.
+        - The poller is backing off after a failed claim: cut the wait short.
+        - No free slot, stopping, completions being delivered (that request
+          claims the freed slots anyway), or a wake claim already in flight:
+          nothing to do.
+        """
+        with self._cond:
+            if self._stop.is_set() or self.agent_id is None:
+                return "stopping"
+            if self._outbox or self._sending:
+                return "delivering"
+            res = self._parked
+            extra = max(self._free(), 0)
+            if res is None or res.claims <= 0:
+                if extra <= 0:
+                    return "busy"
+                self._woken = True  # the poller is between claims or backing off
+                self._cond.notify_all()
+                return "poller"
+            if res.claims > 1:
+                return "claiming"
+            if res.n + extra <= 0:
+                return "busy"
+            res.claims += 1
+            res.n += extra
+            self._reserved += extra
+            n = res.n
+        self.stats["wakes"] = self.stats.get("wakes", 0) + 1
+        threading.Thread(
+            target=self._wake_claim, args=(n, res), name="herder-wake", daemon=True
+        ).start()
+        return "claiming"
+
+    def _wake_claim(self, n: int, res: _Reservation) -> None:
+        try:
+            offers = self._claim(n, 0.0, [], res)
+            log.debug("event=wake_claim offers=%d", len(offers))
+        except Exception as exc:  # latency only: the parked poll still claims
+            log.debug("event=wake_claim_failed error=%r", str(exc))
+
+    def talkback_status(self) -> dict[str, Any]:
+        """``GET /talkback/status``."""
+        with self._lock:
+            running = sorted(
+                a.id for a in self._attempts.values() if a.completion is None and not a.stale
+            )
+            return {
+                "agent_id": self.agent_id,
+                "name": self.config.name,
+                "mode": getattr(self, "mode", "master"),
+                "slots": self.config.slots,
+                "busy": self._busy,
+                "reserved": self._reserved,
+                "free": max(self.config.slots - self._busy, 0),
+                "running": running,
+                "stopping": self._stop.is_set(),
+                "parked": self._parked is not None,
+            }
+
+    def _start_talkback(self) -> None:
+        """Serve the talkback endpoint (before registering: the master learns its URL)."""
+        cfg = self.config
+        if not cfg.talkback or self.talkback is not None:
+            return
+        from herder.agent.talkback import TalkbackServer
+
+        try:
+            tb = TalkbackServer(self, cfg.talkback, cfg.talkback_token)
+            tb.start()
+        except (OSError, ValueError) as exc:
+            # Latency only: the agent works without it (masters cannot wake it).
+            log.error("event=talkback_unavailable bind=%s error=%r", cfg.talkback, str(exc))
+            return
+        self.talkback = tb
+
+    def _stop_talkback(self) -> None:
+        tb, self.talkback = self.talkback, None
+        if tb is not None:
+            with contextlib.suppress(Exception):
+                tb.stop()
 
     # ----------------------------------------------------------------- slots
 
@@ -858,12 +1063,13 @@ class Agent:
         while True:
             now = time.monotonic()
             due = last + (retry_in if retry_in is not None else self._hb_interval())
-            if now < due:
-                if self._halt.wait(min(due - now, 0.5)):
+            if now < due and not self._hb_now.is_set():
+                if self._halt.wait(min(due - now, 0.25)):
                     return
                 continue
             if self._halt.is_set():
                 return
+            self._hb_now.clear()
             last = time.monotonic()
             try:
                 self.heartbeat_once()
@@ -1063,11 +1269,28 @@ def _signals(handler: Callable[[], None]) -> Iterator[None]:
             signal.signal(sig, h)
 
 
+@contextlib.contextmanager
+def _usr1(handler: Callable[[], None]) -> Iterator[None]:
+    """SIGUSR1 → leave autonomous mode (the agent's local API besides talkback ``mode``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_usr1(_signum: int, _frame: FrameType | None) -> None:
+        handler()
+
+    old = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
 def run_agent(config: AgentConfig, client: AgentClient | None = None) -> int:
     """Run an agent until SIGTERM/SIGINT or a drain order; drain; return the exit status (0)."""
     agent = Agent(config, client)
     try:
-        with _signals(agent.on_signal):
+        with _signals(agent.on_signal), _usr1(agent.request_master_mode):
             return agent.run()
     finally:
         with contextlib.suppress(Exception):

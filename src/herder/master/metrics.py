@@ -21,6 +21,9 @@ class MasterStats:
     total_seconds: float = 0.0
     reaped: int = 0  # tasks requeued or failed by this master's maintenance
     maintenance: bool = False  # holds the maintenance lock now
+    wake_rounds: int = 0  # talkback wake rounds that found idle agents (herder.master.wake)
+    wakes_sent: int = 0  # talkback wake requests sent to agents
+    wake_failures: int = 0  # ... that failed (unreachable, refused): latency only
     master_id: str = ""  # its id in the master directory
     url: str = ""  # the URL it advertises in the directory
 
@@ -51,6 +54,15 @@ class MasterStats:
             "# HELP herder_maintenance_holder 1 while this master holds the maintenance lock.",
             "# TYPE herder_maintenance_holder gauge",
             f"herder_maintenance_holder {int(self.maintenance)}",
+            "# HELP herder_wake_rounds_total Talkback wake rounds that found idle agents.",
+            "# TYPE herder_wake_rounds_total counter",
+            f"herder_wake_rounds_total {self.wake_rounds}",
+            "# HELP herder_wakes_sent_total Talkback wake requests sent to agents.",
+            "# TYPE herder_wakes_sent_total counter",
+            f"herder_wakes_sent_total {self.wakes_sent}",
+            "# HELP herder_wake_failures_total Talkback wake requests that failed (latency only).",
+            "# TYPE herder_wake_failures_total counter",
+            f"herder_wake_failures_total {self.wake_failures}",
             "# HELP herder_start_time_seconds Unix time this master started.",
             "# TYPE herder_start_time_seconds gauge",
             f"herder_start_time_seconds {self.started_at:.3f}",

@@ -201,6 +201,8 @@ agents = sa.Table(
     sa.Column("ram_mb", sa.Integer, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("talkback_url", sa.Text, nullable=True),
+    # Bearer token of the agent's talkback endpoint (never part of AgentView).
+    sa.Column("talkback_token", sa.Text, nullable=True),
     sa.Column("version", sa.String(100), nullable=True),
     sa.Column("registered_at", UTCDateTime, nullable=False),
     sa.Column("last_seen_at", UTCDateTime, nullable=True),

@@ -111,6 +111,15 @@ _LOOKUP: Any = object()  # sentinel: look the attempt up
 REAPER_LOCK = "reaper"
 
 
+@dataclass(frozen=True)
+class WakeTarget:
+    """An idle agent's talkback endpoint (``Store.wake_targets``)."""
+
+    agent_id: str
+    url: str
+    token: str | None
+
+
 @dataclass
 class ClaimOutcome:
     """What one claim transaction did (docs/architecture.md)."""
@@ -836,6 +845,7 @@ class Store:
             "cpus": req.cpus,
             "ram_mb": req.ram_mb,
             "talkback_url": req.talkback_url,
+            "talkback_token": req.talkback_token,
             "version": req.version,
         }
         if req.mode is not None:
@@ -902,6 +912,44 @@ class Store:
             return [
                 views.agent_view(r, running.get(r.id, 0), now, self.offline_after_s) for r in rows
             ]
+
+        return self._read(q)
+
+    def wake_targets(self, limit: int = 50, exclude: Iterable[str] = ()) -> list[WakeTarget]:
+        """Online agents with a talkback endpoint and a free slot (talkback ``wake``).
+
+        Live by the database clock (``offline_after_s``), not drained, fewer
+        active attempts than slots; least recently seen first, at most
+        ``limit``. ``exclude``: agents the caller wakes by other means (its
+        own parked long-polls). One read; wake-ups only cut latency.
+        """
+        skip = set(exclude)
+
+        def q(conn: Connection) -> list[WakeTarget]:
+            now = self._now_fn(conn)
+            rows = conn.execute(
+                sa.select(
+                    agents.c.id, agents.c.slots, agents.c.talkback_url, agents.c.talkback_token
+                )
+                .where(
+                    agents.c.talkback_url.is_not(None),
+                    agents.c.state == "online",
+                    agents.c.drain_requested.is_(sa.false()),
+                    agents.c.last_seen_at >= now - timedelta(seconds=self.offline_after_s),
+                )
+                .order_by(agents.c.last_seen_at, agents.c.id)
+            ).all()
+            rows = [r for r in rows if r.id not in skip]
+            if not rows:
+                return []
+            running = self._running_counts(conn)
+            out = []
+            for r in rows:
+                if running.get(r.id, 0) < r.slots:
+                    out.append(WakeTarget(r.id, r.talkback_url, r.talkback_token))
+                    if len(out) >= limit:
+                        break
+            return out
 
         return self._read(q)
 

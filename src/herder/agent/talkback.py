@@ -1,0 +1,271 @@
+"""The agent's talkback endpoint (DESIGN §4; seeds/001, seeds/002).
+
+A small authenticated HTTP server in the agent through which a master (or an
+operator) tells it something at once instead of waiting for its next request:
+
+========================  ===================================================
+``POST /talkback/wake``    work arrived: claim now (202; latency only)
+``POST /talkback/cancel``  ``{"attempt_id": N}``: kill that attempt (404 unknown)
+``POST /talkback/mode``    ``{"mode": "master"}``: autonomous → master mode
+``GET /talkback/status``   agent id, mode, slots, running attempts, free slots
+========================  ===================================================
+
+Every request needs ``Authorization: Bearer <token>``; the token is made at
+agent start (or given with ``--talkback-token``) and sent to the master in the
+registration, which keeps it out of every view. Errors are JSON
+``{"error", "message"}`` like the master's: 401 unauthenticated, 400 bad JSON,
+404 unknown attempt or path, 405, 413, 422 bad field, 501 not supported.
+
+Why the standard library's ``ThreadingHTTPServer`` in a daemon thread: the
+agent is built of threads with no event loop, the endpoint serves a handful
+of tiny requests, and every handler only flips agent state under its lock
+(``wake`` starts the claim in its own thread), so nothing here needs an ASGI
+stack. Nothing depends on talkback for correctness: an agent whose endpoint
+cannot be reached still finds its work by claiming.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+log = logging.getLogger("herder.agent.talkback")
+
+PREFIX = "/talkback"
+MAX_BODY = 64 * 1024
+DEFAULT_BIND = "127.0.0.1:0"
+
+
+class TalkbackAgent(Protocol):
+    """What the endpoint needs of :class:`herder.agent.daemon.Agent`."""
+
+    agent_id: str | None
+
+    def wake(self) -> str: ...
+    def cancel_attempt(self, attempt_id: int, reason: str) -> None: ...
+    def talkback_status(self) -> dict[str, Any]: ...
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``; port 0 = a free port) → (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"talkback address {value!r}: expected HOST:PORT (port 0: any free port)")
+    return host, int(port)
+
+
+class _Error(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    talkback: TalkbackServer
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "herder-talkback"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("event=talkback_request %s", format % args)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _send(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip():
+            return {}
+        if not length.strip().isdigit():
+            raise _Error(400, "bad_request", "invalid Content-Length")
+        n = int(length)
+        if n > MAX_BODY:
+            raise _Error(413, "too_large", f"body larger than {MAX_BODY} bytes")
+        raw = self.rfile.read(n) if n else b""
+        if not raw.strip():
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise _Error(400, "malformed_json", "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise _Error(400, "malformed_json", "the request body must be a JSON object")
+        return data
+
+    def _authorized(self) -> bool:
+        header = self.headers.get("Authorization") or ""
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return False
+        return hmac.compare_digest(given.strip().encode(), self.server.talkback.token.encode())
+
+    def _handle(self, method: str) -> None:
+        tb = self.server.talkback
+        try:
+            if not self._authorized():
+                # Read (and drop) a body so the connection stays usable.
+                try:
+                    self._body()
+                except _Error:
+                    pass
+                raise _Error(401, "unauthorized", "talkback needs 'Authorization: Bearer <token>'")
+            path = self.path.split("?", 1)[0].rstrip("/")
+            routes = {
+                f"{PREFIX}/wake": ("POST", tb.do_wake),
+                f"{PREFIX}/cancel": ("POST", tb.do_cancel),
+                f"{PREFIX}/mode": ("POST", tb.do_mode),
+                f"{PREFIX}/status": ("GET", tb.do_status),
+            }
+            route = routes.get(path)
+            if route is None:
+                raise _Error(404, "not_found", f"no talkback resource {path!r}")
+            if route[0] != method:
+                raise _Error(405, "method_not_allowed", f"{path} takes {route[0]}")
+            body = self._body() if method == "POST" else {}
+            status, answer = route[1](body)
+            self._send(status, answer)
+        except _Error as exc:
+            extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            self._send(exc.status, {"error": exc.code, "message": exc.message}, extra)
+        except Exception as exc:  # never a stack trace on the wire
+            log.exception("event=talkback_error path=%s", self.path)
+            self._send(500, {"error": "internal", "message": f"agent error: {type(exc).__name__}"})
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+
+class TalkbackServer:
+    """The endpoint of one agent: ``start()`` binds and serves in a daemon thread."""
+
+    def __init__(
+        self,
+        agent: TalkbackAgent,
+        bind: str = DEFAULT_BIND,
+        token: str | None = None,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.agent = agent
+        self.host, self.port = parse_bind(bind)
+        self.token = token or new_token()
+        self.advertise_host = advertise_host
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> str:
+        """Bind and serve; returns the URL to register with the master."""
+        cls = _Server6 if ":" in self.host else _Server
+        server = cls((self.host, self.port), _Handler)
+        server.talkback = self
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name="herder-talkback",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("event=talkback_listening url=%s", self.url)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        host = self.advertise_host or self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+
+    # ------------------------------------------------------------ handlers
+
+    def do_wake(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        result = self.agent.wake()
+        return 202, {"agent_id": self.agent.agent_id, "wake": result}
+
+    def do_cancel(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        aid = body.get("attempt_id")
+        if isinstance(aid, bool) or not isinstance(aid, int):
+            raise _Error(422, "invalid_request", "attempt_id: an integer is required")
+        reason = body.get("reason")
+        reason = reason if isinstance(reason, str) and reason else "cancelled through talkback"
+        status = self.agent.talkback_status()
+        if aid not in status.get("running", []):
+            raise _Error(404, "not_found", f"attempt {aid} is not running on this agent")
+        self.agent.cancel_attempt(aid, reason[:500])
+        return 200, {"attempt_id": aid, "cancelled": True}
+
+    def do_mode(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        mode = body.get("mode", "master")
+        if mode != "master":
+            raise _Error(422, "invalid_request", "mode: only 'master' can be asked for")
+        switch = getattr(self.agent, "request_master_mode", None)
+        if switch is None:
+            raise _Error(
+                501,
+                "not_implemented",
+                "this agent has no autonomous mode to leave (request_master_mode is missing)",
+            )
+        switch()
+        return 200, {"agent_id": self.agent.agent_id, "mode": getattr(self.agent, "mode", "master")}
+
+    def do_status(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return 200, self.agent.talkback_status()
+
+
+__all__ = ["DEFAULT_BIND", "TalkbackAgent", "TalkbackServer", "new_token", "parse_bind"]
