@@ -25,6 +25,7 @@ nginx:
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy src/herder
 
 test: $(STAMP) postgres nginx check

@@ -54,12 +54,16 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, str]:
     r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
     if r.returncode != 0:
-        sys.exit(f"{argv[:4]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        log = cwd / ".herder" / "logs" / "master.log"
+        tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
+        sys.exit(f"{argv[:4]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}\n{tail}")
     return elapsed, r.stdout
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--slots", type=int, default=2)
     args = ap.parse_args()
@@ -72,7 +76,7 @@ def main() -> None:
         assert expected in out, out[-500:]
         emb_s, out = timed([*herder, "--slots", str(args.slots)], fresh(n, base, "embedded"))
         assert expected in out, out[-500:]
-        with LocalFarm(workdir=base / "farm") as farm:
+        with LocalFarm(workdir=base / "farm-state") as farm:
             farm.start_master()
             farm.start_agent(slots=args.slots, name="bench")
             farm.wait_agents(1)

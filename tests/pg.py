@@ -122,7 +122,17 @@ def throwaway_cluster() -> Iterator[str]:
         "-c max_connections=300 -c shared_buffers=64MB"
     )
     _run(
-        [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-o", opts, "-w", "start"],
+        [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(base / "log"),
+            "-o",
+            opts,
+            "-w",
+            "start",
+        ],
         user,
     )
     dsn = f"postgresql://{db_user}@127.0.0.1:{port}/postgres"
@@ -139,7 +149,9 @@ def throwaway_cluster() -> Iterator[str]:
         yield dsn
     finally:
         subprocess.run(
-            _as_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user),
+            _as_user(
+                [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user
+            ),
             capture_output=True,
             check=False,
         )

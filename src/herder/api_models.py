@@ -17,7 +17,9 @@ from herder.paths import UnsafePath, normalize_relpath
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
-TaskStateName = Literal["blocked", "queued", "offered", "running", "succeeded", "failed", "cancelled"]
+TaskStateName = Literal[
+    "blocked", "queued", "offered", "running", "succeeded", "failed", "cancelled"
+]
 JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 #: How an agent gets work: from a master, or from the database itself (DESIGN §6).
 AgentMode = Literal["master", "autonomous"]
@@ -44,7 +46,9 @@ def _check_relpath(value: str) -> str:
 
 
 class RequiredFile(_In):
-    path: str = Field(description="relative to the job root; staged at the same path in the sandbox")
+    path: str = Field(
+        description="relative to the job root; staged at the same path in the sandbox"
+    )
     digest: Digest
     mode: int | None = Field(default=None, ge=0, le=0o7777, description="file mode bits")
 
@@ -128,6 +132,8 @@ class AttemptView(_Out):
     finished_at: datetime | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
     log_href: str
+    stdout_len: int = Field(0, description="characters of stdout recorded so far")
+    stderr_len: int = Field(0, description="characters of stderr recorded so far")
 
 
 class TaskView(_Out):
@@ -211,7 +217,9 @@ class ResourceUsage(_In):
 
 class AgentRegister(_In):
     agent_id: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$", description="kept in the agent's state dir"
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+        description="kept in the agent's state dir",
     )
     name: str = Field(min_length=1, max_length=200)
     hostname: str = Field(min_length=1, max_length=255)
@@ -276,7 +284,9 @@ class Completion(_In):
 
 class ClaimRequest(_In):
     max_tasks: int = Field(ge=0, le=1000)
-    wait_s: float = Field(default=0.0, ge=0.0, le=120.0, description="long-poll for up to this long")
+    wait_s: float = Field(
+        default=0.0, ge=0.0, le=120.0, description="long-poll for up to this long"
+    )
     completions: list[Completion] = Field(default_factory=list)
     acks: list[int] = Field(default_factory=list, description="attempt ids now running")
 

@@ -11,9 +11,9 @@ starts. The first failure stops the build.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -267,8 +267,11 @@ class Build:
         a.error = task.error
         if task.attempts:
             attempt = task.attempts[-1]
-            a.stdout = self.client.read_full_log(attempt.id, "stdout")
-            a.stderr = self.client.read_full_log(attempt.id, "stderr")
+            # The task is final, so its logs are: an empty one needs no request.
+            if attempt.stdout_len:
+                a.stdout = self.client.read_full_log(attempt.id, "stdout")
+            if attempt.stderr_len:
+                a.stderr = self.client.read_full_log(attempt.id, "stderr")
             if task.state == "succeeded":
                 for out in attempt.outputs:
                     dest = resolve_inside(self.workdir, out.path)
@@ -306,8 +309,10 @@ class PlainReporter:
             for line in text.splitlines():
                 self._p(f"[{a.label} {stream}] {line}")
         status = "ok" if a.state == "succeeded" else f"FAILED ({a.error or a.state})"
-        self._p(f"-- {a.label} ({where}) `{a.action.command}` {status} in {a.elapsed:.2f}s "
-                f"[{run.done}/{len(run.actions)}]")
+        self._p(
+            f"-- {a.label} ({where}) `{a.action.command}` {status} in {a.elapsed:.2f}s "
+            f"[{run.done}/{len(run.actions)}]"
+        )
 
     def refresh(self, sets: list[SetRun]) -> None:
         pass
@@ -316,13 +321,17 @@ class PlainReporter:
         total = sum(len(s.actions) for s in sets)
         done = sum(s.done for s in sets)
         if ok:
-            self._p(f"build succeeded: {done} action(s) in {len(sets)} actionset(s), {elapsed:.2f}s")
+            self._p(
+                f"build succeeded: {done} action(s) in {len(sets)} actionset(s), {elapsed:.2f}s"
+            )
             return
         for s in sets:
             for a in s.actions:
                 if a.state == "failed":
-                    self._p(f"build FAILED: action {a.label} `{a.action.command}` (line {a.action.line}): "
-                            f"{a.error or 'failed'}")
+                    self._p(
+                        f"build FAILED: action {a.label} `{a.action.command}` (line {a.action.line}): "
+                        f"{a.error or 'failed'}"
+                    )
                     if a.stderr.strip():
                         self._p(f"stderr of {a.label}:")
                         for line in a.stderr.rstrip().splitlines():
@@ -359,7 +368,8 @@ class RichReporter(PlainReporter):
             failed = sum(1 for a in s.actions if a.state == "failed")
             table.add_row(
                 f"[bold]{s.actionset.name}[/bold]",
-                f"{s.done}/{len(s.actions)} done" + (f", [red]{failed} failed[/red]" if failed else ""),
+                f"{s.done}/{len(s.actions)} done"
+                + (f", [red]{failed} failed[/red]" if failed else ""),
             )
             for a in s.actions:
                 if a.state == "running":
@@ -381,9 +391,12 @@ def embedded_farm(slots: int, state_dir: Path) -> tuple[object, str]:
     from herder.localfarm import LocalFarm
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Path(tempfile.mkdtemp(prefix="herder-run-"))
+    # The master's and agent's logs of the last run stay next to the database,
+    # so "see the master's log" after a farm error points at a file that exists.
+    logs = state_dir / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
     farm = LocalFarm(
-        db_url=f"sqlite:///{state_dir / 'herder.db'}", workdir=runtime, lease_s=30, ack_timeout_s=30
+        db_url=f"sqlite:///{state_dir / 'herder.db'}", workdir=logs, lease_s=30, ack_timeout_s=30
     )
     farm.start_master()
     farm.start_agent(slots=slots, name="local", state_dir=state_dir / "agent")

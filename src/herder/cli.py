@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -333,7 +332,9 @@ def submit(
 
 @app.command()
 def status(
-    job_id: Annotated[int | None, typer.Argument(help="A job id; all recent jobs without it.")] = None,
+    job_id: Annotated[
+        int | None, typer.Argument(help="A job id; all recent jobs without it.")
+    ] = None,
     master: InspectMasterOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -357,11 +358,15 @@ def status(
         console.print(f"job {job.id} [bold]{job.name}[/bold]: {job.state}", highlight=False)
         for stage in job.stages:
             counts = " ".join(f"{k}={v}" for k, v in sorted(stage.counts.items()) if v)
-            console.print(f"  stage {stage.index} {stage.name}: {stage.state} ({counts})", highlight=False)
+            console.print(
+                f"  stage {stage.index} {stage.name}: {stage.state} ({counts})", highlight=False
+            )
             for task in stage.tasks:
                 extra = f" exit={task.exit_code}" if task.exit_code is not None else ""
                 extra += f" error={task.error}" if task.error else ""
-                console.print(f"    task {task.id} {task.name or ''} {task.state}{extra}", highlight=False)
+                console.print(
+                    f"    task {task.id} {task.name or ''} {task.state}{extra}", highlight=False
+                )
 
 
 @app.command()
@@ -369,7 +374,9 @@ def logs(
     job_id: Annotated[int, typer.Argument(help="The job.")],
     task_id: Annotated[int | None, typer.Argument(help="One task of it (all without it).")] = None,
     master: InspectMasterOpt = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
 ) -> None:
     """Print the stdout and stderr of a job's tasks (their latest attempts)."""
     offsets: dict[tuple[int, str], int] = {}
@@ -421,9 +428,15 @@ def agents(
         for a in items:
             u = a.usage
             load = f"{u.load_1m:.2f}" if u and u.load_1m is not None else ""
-            ram = f"{u.ram_used_mb:.0f}/{u.ram_total_mb:.0f} MB" if u and u.ram_used_mb and u.ram_total_mb else ""
+            ram = (
+                f"{u.ram_used_mb:.0f}/{u.ram_total_mb:.0f} MB"
+                if u and u.ram_used_mb and u.ram_total_mb
+                else ""
+            )
             seen = a.last_seen_at.isoformat() if a.last_seen_at else ""
-            table.add_row(a.id, a.name, a.hostname, a.state, str(a.slots), str(a.running), load, ram, seen)
+            table.add_row(
+                a.id, a.name, a.hostname, a.state, str(a.slots), str(a.running), load, ram, seen
+            )
         console.print(table)
 
 
@@ -455,11 +468,19 @@ def run(
     rakefile: Annotated[Path, typer.Argument(help="The Rakefile to build.")] = Path("Rakefile"),
     master: Annotated[
         str | None,
-        typer.Option("--master", "-m", envvar="HERDER_MASTER", help="Submit to this farm instead of an embedded one."),
+        typer.Option(
+            "--master",
+            "-m",
+            envvar="HERDER_MASTER",
+            help="Submit to this farm instead of an embedded one.",
+        ),
     ] = None,
-    slots: Annotated[int, typer.Option(min=0, help="Embedded farm: agent slots (default: CPU count).")] = 0,
+    slots: Annotated[
+        int, typer.Option(min=0, help="Embedded farm: agent slots (default: CPU count).")
+    ] = 0,
     chdir: Annotated[
-        Path | None, typer.Option("--chdir", "-C", help="Working directory (default: the current one).")
+        Path | None,
+        typer.Option("--chdir", "-C", help="Working directory (default: the current one)."),
     ] = None,
     plain: Annotated[bool, typer.Option(help="Line output even on a terminal.")] = False,
 ) -> None:
@@ -486,7 +507,9 @@ def run(
         else:
             farm, url = embedded_farm(slots or os.cpu_count() or 1, workdir / ".herder")
             urls = [url]
-        reporter: Reporter = RichReporter() if console.is_terminal and not plain else PlainReporter()
+        reporter: Reporter = (
+            RichReporter() if console.is_terminal and not plain else PlainReporter()
+        )
         with HerderClient(urls) as client:
             build = Build(client, parsed, workdir, reporter, name=str(rakefile))
             try:
@@ -494,11 +517,11 @@ def run(
             except BuildError as exc:
                 _fail(f"{rakefile}: {exc}", 2)
             except (ApiError, NoMasterAvailable) as exc:
-                _fail(f"farm error: {exc}")
+                where = f" (embedded farm logs: {workdir / '.herder' / 'logs'})" if farm else ""
+                _fail(f"farm error: {exc}{where}")
     finally:
         if farm is not None:
             farm.close()  # type: ignore[attr-defined]
-            shutil.rmtree(farm.workdir, ignore_errors=True)  # type: ignore[attr-defined]
     raise typer.Exit(0 if ok else 1)
 
 

@@ -59,6 +59,12 @@ def prepare_jobfile(path: Path) -> PreparedJob:
     # Upload the files a JSON job names when they exist next to it; otherwise
     # the store must already hold their blobs.
     paths = sorted(
-        {r.path for s in job.stages for t in s.tasks for r in t.requires if (root / r.path).is_file()}
+        {
+            r.path
+            for s in job.stages
+            for t in s.tasks
+            for r in t.requires
+            if (root / r.path).is_file()
+        }
     )
     return PreparedJob(job, root, paths)

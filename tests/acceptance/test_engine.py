@@ -63,7 +63,10 @@ def test_three_stage_job_with_fifty_parallel_tasks(client: HerderClient, farm: L
         {
             "name": "three-stages",
             "stages": [
-                {"name": "prepare", "tasks": [{"command": "echo preparing; mkdir -p gen && echo x > gen/flag"}]},
+                {
+                    "name": "prepare",
+                    "tasks": [{"command": "echo preparing; mkdir -p gen && echo x > gen/flag"}],
+                },
                 {
                     "name": "transform",
                     "tasks": [
@@ -114,7 +117,9 @@ def test_three_stage_job_with_fifty_parallel_tasks(client: HerderClient, farm: L
     finish_id = job.stages[2].tasks[0].id
     queued_at = next(e.at for e in events if e.task_id == finish_id and e.to_state == "queued")
     transform_ids = {t.id for t in job.stages[1].tasks}
-    last_success = max(e.at for e in events if e.task_id in transform_ids and e.to_state == "succeeded")
+    last_success = max(
+        e.at for e in events if e.task_id in transform_ids and e.to_state == "succeeded"
+    )
     assert queued_at >= last_success
     (attempt,) = job.stages[2].tasks[0].attempts
     assert client.read_full_log(attempt.id, "stdout") == "finished\n"
@@ -199,8 +204,16 @@ GOOD = {"name": "ok", "stages": [{"name": "s", "tasks": [{"command": "true"}]}]}
     [
         (b"{not json", 400, "malformed_json"),
         (b'{"name": "x", "stages": [], "bogus": 1}', 422, "invalid_request"),
-        (b'{"name": "x", "stages": [{"name": "s", "tasks": [{"command": "true", "colour": "red"}]}]}', 422, "invalid_request"),
-        (b'{"name": "x", "stages": [{"name": "s", "tasks": [{"command": "true", "timeout_s": "soon"}]}]}', 422, "invalid_request"),
+        (
+            b'{"name": "x", "stages": [{"name": "s", "tasks": [{"command": "true", "colour": "red"}]}]}',
+            422,
+            "invalid_request",
+        ),
+        (
+            b'{"name": "x", "stages": [{"name": "s", "tasks": [{"command": "true", "timeout_s": "soon"}]}]}',
+            422,
+            "invalid_request",
+        ),
         (b'{"name": 5, "stages": "no"}', 422, "invalid_request"),
         (
             b'{"name": "x", "stages": [{"name": "s", "tasks": [{"command": "true", "requires": [{"path": "../etc/passwd", "digest": "'
@@ -222,7 +235,9 @@ def test_bad_job_input_is_refused_and_changes_nothing(
     farm: LocalFarm, body: bytes, status: int, code: str
 ) -> None:
     before = _job_count(farm.url)
-    r = httpx.post(f"{farm.url}/api/v1/jobs", content=body, headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{farm.url}/api/v1/jobs", content=body, headers={"content-type": "application/json"}
+    )
     assert r.status_code == status, r.text
     err = r.json()
     assert err["error"] == code and err["message"]

@@ -56,14 +56,21 @@ def test_sum_of_squares_n40_embedded(tmp_path: Path) -> None:
     expected = sum(i * i for i in range(1, 41))
     assert f"[run[0] stdout] {expected}" in r.stdout
     assert (tmp_path / "program40").exists() and os.access(tmp_path / "program40", os.X_OK)
-    assert subprocess.run([str(tmp_path / "program40")], capture_output=True, text=True).stdout == f"{expected}\n"
+    assert (
+        subprocess.run([str(tmp_path / "program40")], capture_output=True, text=True).stdout
+        == f"{expected}\n"
+    )
     assert "build succeeded" in r.stdout
 
     # The embedded farm's state outlives the run: status and logs read it.
     st = herder("status", "--json", cwd=tmp_path)
     assert st.returncode == 0, st.stderr
     jobs = json.loads(st.stdout)
-    assert sorted(j["name"].split(": ")[1] for j in jobs) == ["compile-functions", "compile-program", "link"]
+    assert sorted(j["name"].split(": ")[1] for j in jobs) == [
+        "compile-functions",
+        "compile-program",
+        "link",
+    ]
     assert {j["state"] for j in jobs} == {"succeeded"}
     compile_job = next(j for j in jobs if j["name"].endswith("compile-functions"))
     assert compile_job["counts"].get("succeeded") == 40
@@ -91,7 +98,9 @@ def test_failing_action_stops_the_build(farm: LocalFarm, tmp_path: Path) -> None
     assert "== link" not in out, "no later actionset may start"
 
 
-def test_local_and_remote_mixed_with_subdirectories_and_comments(farm: LocalFarm, tmp_path: Path) -> None:
+def test_local_and_remote_mixed_with_subdirectories_and_comments(
+    farm: LocalFarm, tmp_path: Path
+) -> None:
     (tmp_path / "Rakefile").write_text(
         "# mixing local and remote actions\n"
         "HOSTS = alpha beta:7000\n"

@@ -36,7 +36,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def make_farm(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakeFarm]:
     farms: list[ChaosFarm] = []
 
-    def make(lease_s: float = 3.0, ack_timeout_s: float = 3.0, log_level: str = "info") -> ChaosFarm:
+    def make(
+        lease_s: float = 3.0, ack_timeout_s: float = 3.0, log_level: str = "info"
+    ) -> ChaosFarm:
         farm = LocalFarm(
             db_url=db_url,
             workdir=tmp_path / f"farm{len(farms)}",

@@ -17,7 +17,14 @@ from herder.api_models import EventView, JobView
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-def ev(i: int, kind: str, frm: str | None, to: str | None, attempt: int | None = None, task: int | None = 1) -> EventView:
+def ev(
+    i: int,
+    kind: str,
+    frm: str | None,
+    to: str | None,
+    attempt: int | None = None,
+    task: int | None = 1,
+) -> EventView:
     return EventView(
         id=i,
         at=NOW,
@@ -47,7 +54,9 @@ def good_history() -> list[EventView]:
     ]
 
 
-def attempt(aid: int, number: int, state: str, outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def attempt(
+    aid: int, number: int, state: str, outputs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "id": aid,
         "href": f"/a/{aid}",
@@ -127,7 +136,10 @@ def test_illegal_transitions_are_caught() -> None:
     v = check_event_paths([ev(1, "task.ack", "queued", "running", 10)], {1: "queued"})
     assert any("illegal transition" in x for x in v), v
     v = check_event_paths(
-        [ev(1, "task.offer", "queued", "offered", 10), ev(2, "task.succeed", "running", "succeeded", 10)],
+        [
+            ev(1, "task.offer", "queued", "offered", 10),
+            ev(2, "task.succeed", "running", "succeeded", 10),
+        ],
         {1: "queued"},
     )
     assert any("previous state" in x for x in v), v

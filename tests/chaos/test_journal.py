@@ -113,7 +113,9 @@ def test_journaled_result_survives_agent_kill_and_is_delivered_once(
 
         summary = check_job(job, events)
         task = job.stages[0].tasks[0]
-        summary.violations += check_outputs(job, {task.id: {"out.txt": data.upper()}}, client.get_blob)
+        summary.violations += check_outputs(
+            job, {task.id: {"out.txt": data.upper()}}, client.get_blob
+        )
         ok = [a for a in task.attempts if a.state == "succeeded"]
         if [a.id for a in ok] != [original]:
             summary.violations.append(

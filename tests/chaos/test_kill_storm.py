@@ -169,7 +169,10 @@ def test_kill_storm(make_farm: MakeFarm, db_name: str) -> None:
         events = fetch_events(client, job.id)
         summary = check_job(job, events)
         by_name = {t.name: t for s in job.stages for t in s.tasks}
-        expected = {by_name[f"t{i}"].id: {f"out/{i}.txt": expected_output(inputs[i])} for i in range(N_TASKS)}
+        expected = {
+            by_name[f"t{i}"].id: {f"out/{i}.txt": expected_output(inputs[i])}
+            for i in range(N_TASKS)
+        }
         summary.violations += check_outputs(job, expected, client.get_blob)
 
     print()

@@ -25,7 +25,9 @@ from herder.localfarm import LocalFarm
 @pytest.mark.timeout(90)
 def test_first_heartbeat_comes_within_the_masters_lease(tmp_path: Path) -> None:
     started = time.monotonic()
-    cf = ChaosFarm(LocalFarm(workdir=tmp_path / "farm", lease_s=2.0, ack_timeout_s=2.0, log_level="info"))
+    cf = ChaosFarm(
+        LocalFarm(workdir=tmp_path / "farm", lease_s=2.0, ack_timeout_s=2.0, log_level="info")
+    )
     try:
         cf.start_master()
         cf.start_agent("a", slots=1)
@@ -39,9 +41,21 @@ def test_first_heartbeat_comes_within_the_masters_lease(tmp_path: Path) -> None:
     finally:
         cf.stop()
     task = job.stages[0].tasks[0]
-    requeues = [(e.kind, e.reason) for e in events if e.kind.startswith("task.") and e.to_state == "queued" and e.from_state != "blocked"]
+    requeues = [
+        (e.kind, e.reason)
+        for e in events
+        if e.kind.startswith("task.") and e.to_state == "queued" and e.from_state != "blocked"
+    ]
     print()
-    print(summary_line("lease-renewal", "sqlite", attempts=len(task.attempts), requeues=requeues, duration=f"{time.monotonic() - started:.1f}s"))
+    print(
+        summary_line(
+            "lease-renewal",
+            "sqlite",
+            attempts=len(task.attempts),
+            requeues=requeues,
+            duration=f"{time.monotonic() - started:.1f}s",
+        )
+    )
     assert job.state == "succeeded"
     assert requeues == [], f"a 6 s task under a 2 s lease lost its lease: {requeues}"
     assert len(task.attempts) == 1

@@ -91,7 +91,9 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
             mine = [
                 t
                 for t in job.stages[0].tasks
-                if t.attempts and t.attempts[-1].agent_id == r_id and t.state in ("offered", "running")
+                if t.attempts
+                and t.attempts[-1].agent_id == r_id
+                and t.state in ("offered", "running")
             ]
             return len(mine) == 3
 
@@ -110,7 +112,9 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
             return {
                 t.attempts[-1].id: t.state
                 for t in job.stages[0].tasks
-                if t.attempts and t.attempts[-1].agent_id == r_id and t.state in ("offered", "running")
+                if t.attempts
+                and t.attempts[-1].agent_id == r_id
+                and t.state in ("offered", "running")
             }
 
         deadline = t_claim + ACK_S - 1.2
@@ -122,7 +126,9 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
         last_before = fetch_events(client, job_id)[-1].id
         cf.kill_master()
         t_kill = time.monotonic()
-        assert t_kill - t_claim < ACK_S - 0.5, "too slow: the offers may have expired before the kill"
+        assert t_kill - t_claim < ACK_S - 0.5, (
+            "too slow: the offers may have expired before the kill"
+        )
 
         # Down until every ack deadline and lease (renewed at the latest at the kill) passed.
         time.sleep(max(ACK_S, LEASE_S) + 1.5)
@@ -193,13 +199,19 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
         },
     }
     for aid, (kind, reason) in want.items():
-        evs = [e for e in events if e.attempt_id == aid and e.kind in ("task.offer_expired", "task.lease_expired")]
+        evs = [
+            e
+            for e in events
+            if e.attempt_id == aid and e.kind in ("task.offer_expired", "task.lease_expired")
+        ]
         if len(evs) != 1:
             summary.violations.append(f"attempt {aid}: {len(evs)} requeue events, want 1 {kind}")
             continue
         e = evs[0]
         if (e.kind, e.reason) != (kind, reason):
-            summary.violations.append(f"attempt {aid}: requeued by {e.kind} ({e.reason!r}), want {kind} ({reason!r})")
+            summary.violations.append(
+                f"attempt {aid}: requeued by {e.kind} ({e.reason!r}), want {kind} ({reason!r})"
+            )
         if e.id <= last_before:
             summary.violations.append(f"attempt {aid}: requeued before the kill (event {e.id})")
         if first_offer is None or e.id > first_offer:

@@ -137,6 +137,7 @@ def test_partition_reruns_elsewhere_and_fences_the_old_agent(
             proxy.cut("blackhole")
             t_cut = time.monotonic()
             cf.start_agent("B", slots=2)
+
             def succeeded() -> JobView | None:
                 j = client.get_job(job_id)
                 return j if j.state == "succeeded" else None
@@ -184,8 +185,10 @@ def test_partition_reruns_elsewhere_and_fences_the_old_agent(
             events = fetch_events(client, job_id)
             assert [e.id for e in events] == [e.id for e in events_before], (
                 "events were recorded after the heal: "
-                + "; ".join(f"{e.kind} {e.from_state}->{e.to_state} attempt {e.attempt_id}"
-                            for e in events[len(events_before):])
+                + "; ".join(
+                    f"{e.kind} {e.from_state}->{e.to_state} attempt {e.attempt_id}"
+                    for e in events[len(events_before) :]
+                )
             )
             summary = check_job(job, events)
             by_name = {t.name: t for s in job.stages for t in s.tasks}
@@ -198,8 +201,7 @@ def test_partition_reruns_elsewhere_and_fences_the_old_agent(
                 if a_att.state == "succeeded":
                     summary.violations.append(f"A's attempt {aid} of {name} is succeeded")
                 requeued = [
-                    e for e in events
-                    if e.attempt_id == aid and e.kind == "task.lease_expired"
+                    e for e in events if e.attempt_id == aid and e.kind == "task.lease_expired"
                 ]
                 if len(requeued) != 1:
                     summary.violations.append(

@@ -79,6 +79,12 @@ def test_concurrent_submits_with_one_key_make_one_job(farm: LocalFarm) -> None:
     assert sum(job["counts"].values()) == 3
     submits = httpx.get(f"{farm.url}/api/v1/jobs/{job_id}/events").json()["events"]
     assert [e["kind"] for e in submits].count("job.submit") == 1
+    after = submits[-1]["id"]
+    assert httpx.get(f"{farm.url}/api/v1/jobs/{job_id}/events?after={after}").json() == {
+        "events": []
+    }
+    r = httpx.get(f"{farm.url}/api/v1/jobs/987654/events")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
 
 
 def test_drain_and_undrain_over_http(farm: LocalFarm) -> None:

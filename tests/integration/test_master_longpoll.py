@@ -23,7 +23,9 @@ async def _register(client: httpx.AsyncClient, i: int) -> str:
     return str(r.json()["id"])
 
 
-async def _claim(client: httpx.AsyncClient, agent_id: str) -> tuple[str, list[dict[str, object]], float]:
+async def _claim(
+    client: httpx.AsyncClient, agent_id: str
+) -> tuple[str, list[dict[str, object]], float]:
     r = await client.post(
         f"/api/v1/agents/{agent_id}/claim", json={"max_tasks": 1, "wait_s": 8}, timeout=30
     )
@@ -52,7 +54,10 @@ def test_hundreds_of_long_polls_hold_no_threads_and_wake_on_submit(tmp_path: Pat
                 submitted = time.monotonic()
                 r = await client.post(
                     "/api/v1/jobs",
-                    json={"name": "wake", "stages": [{"name": "s", "tasks": [{"command": "true"}] * 3}]},
+                    json={
+                        "name": "wake",
+                        "stages": [{"name": "s", "tasks": [{"command": "true"}] * 3}],
+                    },
                 )
                 assert r.status_code == 201
                 results = await asyncio.gather(*polls)
@@ -60,7 +65,9 @@ def test_hundreds_of_long_polls_hold_no_threads_and_wake_on_submit(tmp_path: Pat
             # would serve 300 eight-second polls in batches, over a minute.
             # (Arrivals spread over a few seconds on a loaded 2-core machine.)
             spread = sorted(at - started for _, _, at in results)
-            print(f"poll answers after: min {spread[0]:.1f}s median {spread[len(spread) // 2]:.1f}s max {spread[-1]:.1f}s")
+            print(
+                f"poll answers after: min {spread[0]:.1f}s median {spread[len(spread) // 2]:.1f}s max {spread[-1]:.1f}s"
+            )
             assert spread[-1] < 30
             winners = [(a, offers, at) for a, offers, at in results if offers]
             # Exactly three offers went out, each task to one agent only.

@@ -373,14 +373,14 @@ def test_completion_stores_log_and_outputs(store: Store) -> None:
 
 
 def test_reap_unacked_offers(db_url: str) -> None:
-    store = make_store(db_url, ack_timeout_s=0.5, lease_s=30)
+    store = make_store(db_url, ack_timeout_s=5, lease_s=30)
     try:
         store.submit_job(job(tasks(2)))
         a = agent(store)
         o1, o2 = store.claim(a, 2).offers
         store.ack(o2.attempt_id, o2.token)
         assert store.reap() == 0
-        time.sleep(0.7)
+        store.advance_clock(6)
         assert store.reap() == 1
         t1 = store.get_task(o1.task_id)
         assert t1.state == "queued" and t1.infra_failures == 0
@@ -396,20 +396,22 @@ def test_reap_unacked_offers(db_url: str) -> None:
 
 
 def test_reap_expired_leases(db_url: str) -> None:
-    store = make_store(db_url, ack_timeout_s=30, lease_s=0.2, infra_budget=2)
+    store = make_store(db_url, ack_timeout_s=30, lease_s=5, infra_budget=2)
     try:
         view, _ = store.submit_job(job(tasks(1)))
         a = agent(store)
         (o,) = store.claim(a, 1).offers
         store.ack(o.attempt_id, o.token)
-        time.sleep(0.35)
+        assert store.reap() == 0
+        store.advance_clock(6)
         assert store.reap() == 1
         t = store.get_task(o.task_id)
         assert (t.state, t.infra_failures, t.failures) == ("queued", 1, 0)
         assert store.complete(ok(o))[0].result == "stale"
         (o,) = store.claim(a, 1).offers
         store.ack(o.attempt_id, o.token)
-        time.sleep(0.35)
+        assert store.reap() == 0
+        store.advance_clock(6)
         assert store.reap() == 1
         t = store.get_task(o.task_id)
         assert (t.state, t.infra_failures) == ("failed", 2)
@@ -455,7 +457,7 @@ def test_cancel_job(store: Store) -> None:
 
 
 def test_heartbeat_renews_and_lists_cancels(db_url: str) -> None:
-    store = make_store(db_url, lease_s=1.0, heartbeat_grace_s=0.2)
+    store = make_store(db_url, lease_s=10.0, heartbeat_grace_s=2)
     try:
         store.submit_job(job(tasks(3)))
         a = agent(store)
@@ -472,7 +474,7 @@ def test_heartbeat_renews_and_lists_cancels(db_url: str) -> None:
         hb = store.heartbeat(a, Heartbeat(running=running, usage={"ram_used_mb": 100}))  # type: ignore[arg-type]
         assert hb.cancel == [999999]
         assert hb.lease_expires_at is not None and hb.lease_expires_at > before
-        assert hb.lease_s == 1.0
+        assert hb.lease_s == 10.0
         assert store.get_task(o2.task_id).state == "running"
         view = store.get_agent(a)
         assert view.usage is not None and view.usage.ram_used_mb == 100
@@ -484,7 +486,7 @@ def test_heartbeat_renews_and_lists_cancels(db_url: str) -> None:
         assert hb_b.cancel == [o1.attempt_id]
         # keep renewing o1 and o2 past the lease; o3 is never listed → requeued
         for _ in range(7):
-            time.sleep(0.2)
+            store.advance_clock(2)
             hb = store.heartbeat(a, Heartbeat(running=running[:2]))
             assert hb.cancel == []
             store.reap()

@@ -72,7 +72,7 @@ def age_agent(store: Store, agent_id: str, seconds: float) -> None:
 
 
 def test_failed_task_is_retried_elsewhere_first(db_url: str) -> None:
-    store = make_store(db_url, retry_elsewhere_s=0.6)
+    store = make_store(db_url, retry_elsewhere_s=30, offline_after_s=1000)
     try:
         store.submit_job(job([TaskSpec(command="x", max_attempts=5)]))
         a, b = agent(store, "a"), agent(store, "b")
@@ -87,7 +87,9 @@ def test_failed_task_is_retried_elsewhere_first(db_url: str) -> None:
         assert store.complete(fail(o3))[0].task_state == "queued"
         # failed on a, b says nothing: after retry_elsewhere_s a gets it back
         assert store.claim(a, 1).offers == []
-        time.sleep(0.7)
+        store.advance_clock(29)
+        assert store.claim(a, 1).offers == []
+        store.advance_clock(2)
         (o4,) = store.claim(a, 1).offers
         assert o4.task_id == o.task_id
     finally:
@@ -114,7 +116,7 @@ def test_sole_live_agent_gets_its_failed_task_back_at_once(db_url: str) -> None:
 
 
 def test_lost_lease_is_retried_elsewhere_and_released_is_not(db_url: str) -> None:
-    store = make_store(db_url, lease_s=0.3, retry_elsewhere_s=60, heartbeat_grace_s=0.1)
+    store = make_store(db_url, lease_s=5, retry_elsewhere_s=60, heartbeat_grace_s=1)
     try:
         store.submit_job(job(tasks(2)))
         a, b = agent(store, "a"), agent(store, "b")
@@ -122,7 +124,8 @@ def test_lost_lease_is_retried_elsewhere_and_released_is_not(db_url: str) -> Non
         store.ack(o1.attempt_id, o1.token)
         rel = Completion(attempt_id=o2.attempt_id, token=o2.token, outcome="released")
         store.complete(rel)
-        time.sleep(0.4)
+        assert store.reap() == 0
+        store.advance_clock(6)
         store.heartbeat(b, Heartbeat())  # keep b live
         assert store.reap() == 1
         # o2 released: back to a is fine; o1 lost on a: not on a first
@@ -140,7 +143,13 @@ def test_lost_lease_is_retried_elsewhere_and_released_is_not(db_url: str) -> Non
 
 
 def test_blocklist_after_k_failures_then_forgiven(db_url: str) -> None:
-    store = make_store(db_url, blocklist_threshold=2, blocklist_forgive_s=1.0, retry_elsewhere_s=0)
+    store = make_store(
+        db_url,
+        blocklist_threshold=2,
+        blocklist_forgive_s=30,
+        retry_elsewhere_s=0,
+        offline_after_s=1000,
+    )
     try:
         bad, _ = store.submit_job(job(tasks(4, max_attempts=5), name="bad"))
         other, _ = store.submit_job(job(tasks(1), name="other"))
@@ -161,12 +170,12 @@ def test_blocklist_after_k_failures_then_forgiven(db_url: str) -> None:
         assert {x.job_id for x in store.claim(b, 10).offers} == {bad.id}
         # forgiven after forgive_s
         bad2, _ = store.submit_job(job(tasks(1), name="bad-later"))
-        time.sleep(1.1)
-        got = store.claim(a, 10).offers
-        assert [x.job_id for x in got] == [bad2.id] or store.blocklist(bad.id)[0][
-            "blocked"
-        ] is False
+        store.advance_clock(29)
+        assert store.blocklist(bad.id)[0]["blocked"] is True
+        store.advance_clock(2)
         assert store.blocklist(bad.id)[0]["blocked"] is False
+        got = store.claim(a, 10).offers
+        assert [x.job_id for x in got] == [bad2.id]
     finally:
         store.close()
 
@@ -186,13 +195,13 @@ def test_blocklist_is_ignored_for_the_only_live_agent(db_url: str) -> None:
 
 
 def test_lost_leases_do_not_blocklist(db_url: str) -> None:
-    store = make_store(db_url, lease_s=0.2, blocklist_threshold=1, retry_elsewhere_s=0)
+    store = make_store(db_url, lease_s=5, blocklist_threshold=1, retry_elsewhere_s=0)
     try:
         view, _ = store.submit_job(job(tasks(1)))
         a, _b = agent(store, "a"), agent(store, "b")
         (o,) = store.claim(a, 1).offers
         store.ack(o.attempt_id, o.token)
-        time.sleep(0.3)
+        store.advance_clock(6)
         assert store.reap() == 1
         assert store.blocklist(view.id) == []
         launch = store.claim(a, 1).offers[0]
@@ -207,14 +216,14 @@ def test_lost_leases_do_not_blocklist(db_url: str) -> None:
 
 
 def test_heartbeat_reconciliation_records_events(db_url: str) -> None:
-    store = make_store(db_url, heartbeat_grace_s=0.1, lease_s=30)
+    store = make_store(db_url, heartbeat_grace_s=2, lease_s=30)
     try:
         _view, _ = store.submit_job(job(tasks(2)))
         a = agent(store, "a")
         o1, o2 = store.claim(a, 2).offers
         store.ack(o1.attempt_id, o1.token)
         store.ack(o2.attempt_id, o2.token)
-        time.sleep(0.2)
+        store.advance_clock(3)
         hb = store.heartbeat(
             a, Heartbeat(running=[RunningAttempt(attempt_id=o1.attempt_id, token=o1.token)])
         )
@@ -290,21 +299,23 @@ def test_maintenance_lock_one_holder_and_takeover(db_url: str) -> None:
     m1, m2 = make_store(db_url), make_store(db_url)  # two masters on one database
     try:
         assert m1.lock_holder() is None
-        assert m1.try_lock("m1", ttl_s=0.6)
-        assert not m2.try_lock("m2", ttl_s=0.6)
-        assert m1.try_lock("m1", ttl_s=0.6)  # renew
-        assert m1.maintain("m1", 0.6) == 0 and m2.maintain("m2", 0.6) is None
+        assert m1.try_lock("m1", ttl_s=30)
+        assert not m2.try_lock("m2", ttl_s=30)
+        assert m1.try_lock("m1", ttl_s=30)  # renew
+        assert m1.maintain("m1", 30) == 0 and m2.maintain("m2", 30) is None
         holder = m2.lock_holder()
         assert holder is not None and holder[0] == "m1"
         # m1 stops renewing: m2 takes over after the TTL, not before
-        time.sleep(0.3)
-        assert not m2.try_lock("m2", ttl_s=0.6)
-        time.sleep(0.45)
-        assert m2.try_lock("m2", ttl_s=0.6)
-        assert not m1.try_lock("m1", ttl_s=0.6)
+        for m in (m1, m2):
+            m.advance_clock(20)
+        assert not m2.try_lock("m2", ttl_s=30)
+        for m in (m1, m2):
+            m.advance_clock(11)
+        assert m2.try_lock("m2", ttl_s=30)
+        assert not m1.try_lock("m1", ttl_s=30)
         assert m2.release_lock("m2")
         assert not m2.release_lock("m1")  # not the holder: nothing to release
-        assert m1.try_lock("m1", ttl_s=0.6)  # released: taken at once
+        assert m1.try_lock("m1", ttl_s=30)  # released: taken at once
     finally:
         m1.close()
         m2.close()
@@ -352,7 +363,9 @@ def test_two_masters_reaping_never_double_requeue(db_url: str) -> None:
         for name in ("m1", "m2")
     }
     stops = {name: threading.Event() for name in stores}
-    held: list[tuple[str, float]] = []
+    # (holder, monotonic time before the maintain call, after it): the renewal
+    # happened between the two, whatever the scheduler did to the threads.
+    held: list[tuple[str, float, float]] = []
     errors: list[BaseException] = []
     reaped: Counter[str] = Counter()
 
@@ -360,9 +373,10 @@ def test_two_masters_reaping_never_double_requeue(db_url: str) -> None:
         store = stores[name]
         try:
             while not stops[name].is_set():
+                before = time.monotonic()
                 n = store.maintain(name, ttl_s=ttl)
                 if n is not None:
-                    held.append((name, time.monotonic()))
+                    held.append((name, before, time.monotonic()))
                     reaped[name] += n
                 time.sleep(0.02)
         except BaseException as exc:
@@ -397,13 +411,13 @@ def test_two_masters_reaping_never_double_requeue(db_url: str) -> None:
         assert not errors, errors
         assert claimed >= 4 * n_tasks and first is not None
         # One holder at a time: exactly one handover, to the other master.
-        owners = [name for name, _ in held]
+        owners = [name for name, _, _ in held]
         changes = [(x, y) for x, y in itertools.pairwise(owners) if x != y]
         assert len(changes) == 1 and changes[0][0] == first, changes
         # The takeover came no sooner than the TTL after the last renewal.
-        last_first = max(t for name, t in held if name == first)
-        first_other = min(t for name, t in held if name != first)
-        assert first_other - last_first >= ttl * 0.8
+        last_first = max(t0 for name, t0, _ in held if name == first)
+        first_other = min(t1 for name, _, t1 in held if name != first)
+        assert first_other - last_first >= ttl * 0.95
         assert all(reaped[name] > 0 for name in stores), reaped
         evs = m1.list_events(limit=100_000)
         lost = [e for e in evs if e.kind in ("task.offer_expired", "task.lease_expired")]
@@ -421,13 +435,13 @@ def test_two_masters_reaping_never_double_requeue(db_url: str) -> None:
 def test_maintenance_handover_when_holder_stops(db_url: str) -> None:
     m1, m2 = make_store(db_url), make_store(db_url)
     try:
+        t0 = time.monotonic()  # before m1's renewal: m2 cannot win sooner than t0 + TTL
         assert m1.maintain("m1", 0.5) == 0
-        t0 = time.monotonic()
         while m2.maintain("m2", 0.5) is None:
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 10
             time.sleep(0.05)
         waited = time.monotonic() - t0
-        assert 0.3 < waited < 2.0, waited
+        assert 0.475 <= waited < 10.0, waited
         assert m1.maintain("m1", 0.5) is None
     finally:
         m1.close()

@@ -95,7 +95,7 @@ TASK_ACTIVE: frozenset[TaskState] = frozenset({_T.OFFERED, _T.RUNNING})
 
 def _sources() -> dict[TaskEvent, tuple[TaskState, ...]]:
     out: dict[TaskEvent, list[TaskState]] = {}
-    for (src, event) in TASK_TRANSITIONS:
+    for src, event in TASK_TRANSITIONS:
         out.setdefault(event, []).append(src)
     return {event: tuple(states) for event, states in out.items()}
 
@@ -139,7 +139,7 @@ JOB_TERMINAL: frozenset[JobState] = frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCE
 
 def _job_sources() -> dict[JobEvent, tuple[JobState, ...]]:
     out: dict[JobEvent, list[JobState]] = {}
-    for (src, event) in JOB_TRANSITIONS:
+    for src, event in JOB_TRANSITIONS:
         out.setdefault(event, []).append(src)
     return {event: tuple(states) for event, states in out.items()}
 
@@ -154,9 +154,7 @@ def next_job_state(state: JobState, event: JobEvent) -> JobState:
         raise IllegalTransition("job", state, event) from None
 
 
-def completion_event(
-    exit_ok: bool, failures_after: int, max_attempts: int
-) -> TaskEvent:
+def completion_event(exit_ok: bool, failures_after: int, max_attempts: int) -> TaskEvent:
     """What a completed attempt does to its task.
 
     ``failures_after`` counts command failures including this attempt's.

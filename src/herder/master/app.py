@@ -311,7 +311,9 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             return _error(400, "malformed_json", "the request body is not valid JSON", detail)
         first = detail[0] if detail else {"loc": [], "message": "invalid"}
         where = ".".join(p for p in first["loc"] if p != "body") or "request"
-        return _error(422, "invalid_request", f"{where}: {first['message']}", jsonable_encoder(detail))
+        return _error(
+            422, "invalid_request", f"{where}: {first['message']}", jsonable_encoder(detail)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -435,8 +437,9 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
         after: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
     ) -> Response:
-        await call(store.get_job, job_id)  # 404 for an unknown job
-        events = await call(store.list_events, job_id=job_id, after_id=after, limit=limit)
+        events = await call(
+            store.list_events, job_id=job_id, after_id=after, limit=limit, job_must_exist=True
+        )
         return _json(EventList(events=events))
 
     @app.get("/api/v1/events", response_model=EventList, responses=ERRORS)
@@ -582,10 +585,15 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             return _error(413, "too_large", f"blob larger than {cfg.max_blob_bytes} bytes")
         data = await request.body()
         size, created = await call(store.put_blob, digest, data)
-        stored = BlobStored(digest=digest, size=size, href=f"/api/v1/blobs/{digest}", created=created)
+        stored = BlobStored(
+            digest=digest, size=size, href=f"/api/v1/blobs/{digest}", created=created
+        )
         return _json(stored, 201 if created else 200)
 
-    @app.get("/api/v1/blobs/{digest}", responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}})
+    @app.get(
+        "/api/v1/blobs/{digest}",
+        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    )
     async def get_blob(digest: DigestPath) -> Response:
         data = await call(store.get_blob, digest)
         return Response(data, media_type="application/octet-stream")

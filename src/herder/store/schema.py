@@ -81,9 +81,7 @@ jobs = sa.Table(
 stages = sa.Table(
     "stages",
     metadata,
-    sa.Column(
-        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    ),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("task_count", sa.Integer, nullable=False),
@@ -94,9 +92,7 @@ tasks = sa.Table(
     "tasks",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
-    ),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     sa.Column("stage", sa.Integer, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("name", sa.String(200), nullable=True),
@@ -145,9 +141,7 @@ attempts = sa.Table(
     "attempts",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column(
-        "task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
-    ),
+    sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
     sa.Column("number", sa.Integer, nullable=False),
     sa.Column("agent_id", sa.String(100), nullable=True),
     sa.Column("token", sa.String(100), nullable=False),
@@ -218,9 +212,7 @@ agent_job_failures = sa.Table(
     "agent_job_failures",
     metadata,
     sa.Column("agent_id", sa.String(100), primary_key=True),
-    sa.Column(
-        "job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    ),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("failures", sa.Integer, nullable=False),
     sa.Column("last_failure_at", UTCDateTime, nullable=True),
     sa.Column("blocked_until", UTCDateTime, nullable=True),

@@ -223,9 +223,11 @@ class _Stmts:
             .join_from(attempts, tasks, tasks.c.id == attempts.c.task_id)
             .where(attempts.c.id == bp("b_attempt_id"))
         )
-        self.current_attempts = sa.select(*self.current_attempt.selected_columns).join_from(
-            attempts, tasks, tasks.c.id == attempts.c.task_id
-        ).where(attempts.c.id.in_(bp("b_ids", expanding=True)))
+        self.current_attempts = (
+            sa.select(*self.current_attempt.selected_columns)
+            .join_from(attempts, tasks, tasks.c.id == attempts.c.task_id)
+            .where(attempts.c.id.in_(bp("b_ids", expanding=True)))
+        )
         self.task_succeed = (
             sa.update(tasks)
             .where(
@@ -327,8 +329,10 @@ class _Stmts:
         if is_pg:
             # A materialized CTE runs the LIMIT … SKIP LOCKED scan exactly once; as a plain
             # IN (subquery) PostgreSQL may re-run it and return more than max_tasks rows.
-            cte = cand.with_for_update(of=tc, skip_locked=True).cte("cand").prefix_with(
-                "MATERIALIZED"
+            cte = (
+                cand.with_for_update(of=tc, skip_locked=True)
+                .cte("cand")
+                .prefix_with("MATERIALIZED")
             )
             picked = sa.select(cte.c.id)
         self.offer = (
@@ -439,7 +443,8 @@ class Store:
         self._engine = _engine.make_engine(self.url, pool_size=pool_size, max_overflow=max_overflow)
         self.dialect: str = self._engine.dialect.name
         self._is_pg = self.dialect == "postgresql"
-        self._now_fn = _pg_now if self._is_pg else _sqlite_now
+        self._db_clock = _pg_now if self._is_pg else _sqlite_now
+        self._clock_offset = timedelta(0)
         self._q = _Stmts(self._is_pg)
         self._wlock: contextlib.AbstractContextManager[Any]
         self._rlock: contextlib.AbstractContextManager[Any]
@@ -512,8 +517,20 @@ class Store:
         with self._rlock, self._engine.connect() as conn, conn.begin():
             return fn(conn)
 
+    def _now_fn(self, conn: Connection) -> datetime:
+        return self._db_clock(conn) + self._clock_offset
+
     def db_now(self) -> datetime:
         return self._read(self._now_fn)
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move this store's view of the database clock forward (tests and simulations).
+
+        Lease, offer and grace deadlines are compared with the clock read at the
+        start of each transaction, so moving it is how a test lets time pass
+        without sleeping and without racing a loaded machine.
+        """
+        self._clock_offset += timedelta(seconds=seconds)
 
     # ------------------------------------------------------------------- jobs
 
@@ -607,11 +624,15 @@ class Store:
                         "updated_at": now,
                     }
                 )
-        ids = conn.execute(
-            sa.insert(tasks).returning(tasks.c.id, sort_by_parameter_order=True), rows
-        ).scalars().all()
+        ids = (
+            conn.execute(sa.insert(tasks).returning(tasks.c.id, sort_by_parameter_order=True), rows)
+            .scalars()
+            .all()
+        )
         tag_rows = [
-            {"task_id": tid, "tag": tag} for tid, tags in zip(ids, tag_lists, strict=True) for tag in tags
+            {"task_id": tid, "tag": tag}
+            for tid, tags in zip(ids, tag_lists, strict=True)
+            for tag in tags
         ]
         if tag_rows:
             conn.execute(sa.insert(task_tags), tag_rows)
@@ -777,16 +798,20 @@ class Store:
         ).scalar_one()
         if stage + 1 < stage_count:
             target = task_target(TaskEvent.UNBLOCK).value
-            rows = t.conn.execute(
-                sa.update(tasks)
-                .where(
-                    tasks.c.job_id == job_id,
-                    tasks.c.stage == stage + 1,
-                    tasks.c.state.in_([s.value for s in TASK_SOURCES[TaskEvent.UNBLOCK]]),
+            rows = (
+                t.conn.execute(
+                    sa.update(tasks)
+                    .where(
+                        tasks.c.job_id == job_id,
+                        tasks.c.stage == stage + 1,
+                        tasks.c.state.in_([s.value for s in TASK_SOURCES[TaskEvent.UNBLOCK]]),
+                    )
+                    .values(state=target, updated_at=t.now)
+                    .returning(tasks.c.id)
                 )
-                .values(state=target, updated_at=t.now)
-                .returning(tasks.c.id)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             for tid in rows:
                 t.event(
                     f"task.{TaskEvent.UNBLOCK.value}",
@@ -807,9 +832,7 @@ class Store:
             if row is None:
                 raise NotFound(f"task {task_id} not found")
             att = conn.execute(
-                sa.select(attempts)
-                .where(attempts.c.task_id == task_id)
-                .order_by(attempts.c.number)
+                sa.select(attempts).where(attempts.c.task_id == task_id).order_by(attempts.c.number)
             ).all()
             return views.task_view(row, att)
 
@@ -821,8 +844,19 @@ class Store:
         task_id: int | None = None,
         after_id: int = 0,
         limit: int = 1000,
+        *,
+        job_must_exist: bool = False,
     ) -> list[EventView]:
+        """Events by id; ``job_must_exist``: NotFound for an unknown ``job_id`` (same read)."""
+
         def q(conn: Connection) -> list[EventView]:
+            # A followed job is polled often: check it exists by its key, not its view.
+            if (
+                job_must_exist
+                and job_id is not None
+                and conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None
+            ):
+                raise NotFound(f"job {job_id} not found")
             stmt = sa.select(events).where(events.c.id > after_id)
             if job_id is not None:
                 stmt = stmt.where(events.c.job_id == job_id)
@@ -1127,9 +1161,7 @@ class Store:
                     )
                 }
                 for c in completions:
-                    out.results.append(
-                        self._complete(t, c, agent_id, found.get(c.attempt_id))
-                    )
+                    out.results.append(self._complete(t, c, agent_id, found.get(c.attempt_id)))
             for attempt_id in acks:
                 self._ack(t, attempt_id, None, agent_id)
             if max_tasks > 0 and agent.state != "draining" and not agent.drain_requested:
@@ -1154,8 +1186,7 @@ class Store:
                 "b_agent_id": agent_id,
                 "b_now": now,
                 "b_live_since": now - timedelta(seconds=self.offline_after_s),
-                "b_retry_before": now
-                - timedelta(seconds=self.placement_policy.retry_elsewhere_s),
+                "b_retry_before": now - timedelta(seconds=self.placement_policy.retry_elsewhere_s),
             },
         ).all()
         if not rows:
@@ -1206,12 +1237,19 @@ class Store:
             )
         # The first offer of a job starts it.
         job_ids = sorted({r.job_id for r in rows})
-        started = t.conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id.in_(job_ids), jobs.c.state.in_([s.value for s in JOB_SOURCES[JobEvent.START]]))
-            .values(state=JobState.RUNNING.value, updated_at=now)
-            .returning(jobs.c.id)
-        ).scalars().all()
+        started = (
+            t.conn.execute(
+                sa.update(jobs)
+                .where(
+                    jobs.c.id.in_(job_ids),
+                    jobs.c.state.in_([s.value for s in JOB_SOURCES[JobEvent.START]]),
+                )
+                .values(state=JobState.RUNNING.value, updated_at=now)
+                .returning(jobs.c.id)
+            )
+            .scalars()
+            .all()
+        )
         for jid in started:
             t.event(
                 f"job.{JobEvent.START.value}",
@@ -1226,7 +1264,9 @@ class Store:
         return t.conn.execute(self._q.current_attempt, {"b_attempt_id": attempt_id}).first()
 
     @staticmethod
-    def _fenced(row: Any, token: str | None, agent_id: str | None, task_states: Iterable[str]) -> bool:
+    def _fenced(
+        row: Any, token: str | None, agent_id: str | None, task_states: Iterable[str]
+    ) -> bool:
         if row is None:
             return False
         if token is not None and not hmac.compare_digest(row.token, token):
@@ -1284,9 +1324,7 @@ class Store:
 
     # ----- complete
 
-    def complete(
-        self, c: Completion, agent_id: str | None = None
-    ) -> tuple[CompletionResult, bool]:
+    def complete(self, c: Completion, agent_id: str | None = None) -> tuple[CompletionResult, bool]:
         """Apply one completion. ``(result, woke)``; a stale completion changes nothing."""
 
         def tx(t: _Tx) -> tuple[CompletionResult, bool]:
@@ -1458,7 +1496,9 @@ class Store:
             sa.update(agent_job_failures)
             .where(b.agent_id == agent_id, b.job_id == job_id)
             .values(
-                failures=e.failures, last_failure_at=e.last_failure_at, blocked_until=e.blocked_until
+                failures=e.failures,
+                last_failure_at=e.last_failure_at,
+                blocked_until=e.blocked_until,
             )
         )
         if strike.newly_blocked:
@@ -1709,20 +1749,26 @@ class Store:
     # ----- reaper
 
     def _active_attempts_query(self) -> sa.Select[Any]:
-        return sa.select(
-            attempts.c.id,
-            attempts.c.task_id,
-            attempts.c.number,
-            attempts.c.agent_id,
-            tasks.c.job_id,
-            tasks.c.failures,
-            tasks.c.infra_failures,
-            tasks.c.max_attempts,
-        ).join_from(
-            attempts,
-            tasks,
-            sa.and_(tasks.c.id == attempts.c.task_id, tasks.c.attempt_count == attempts.c.number),
-        ).where(sa.text(_ACTIVE_ATTEMPT_SQL))
+        return (
+            sa.select(
+                attempts.c.id,
+                attempts.c.task_id,
+                attempts.c.number,
+                attempts.c.agent_id,
+                tasks.c.job_id,
+                tasks.c.failures,
+                tasks.c.infra_failures,
+                tasks.c.max_attempts,
+            )
+            .join_from(
+                attempts,
+                tasks,
+                sa.and_(
+                    tasks.c.id == attempts.c.task_id, tasks.c.attempt_count == attempts.c.number
+                ),
+            )
+            .where(sa.text(_ACTIVE_ATTEMPT_SQL))
+        )
 
     def _lease_lost(self, t: _Tx, row: Any, reason: str) -> str | None:
         """A running attempt is lost: requeue its task, or fail it once the infra budget is spent."""

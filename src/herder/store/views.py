@@ -68,6 +68,8 @@ def attempt_view(r: Any) -> AttemptView:
         finished_at=r.finished_at,
         outputs=[OutputFile.model_validate(o) for o in (r.outputs or [])],
         log_href=log_href(r.id),
+        stdout_len=r.stdout_len,
+        stderr_len=r.stderr_len,
     )
 
 
