@@ -7,6 +7,8 @@ silently ignored setting.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -25,6 +27,28 @@ JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "ca
 AgentMode = Literal["master", "autonomous"]
 MasterRole = Literal["read-write", "read-only"]
 MasterStateName = Literal["up", "failed", "stopped"]
+
+#: Small files travel inside the claim round trip instead of a blob request
+#: each (DESIGN §10): required files up to INLINE_REQUIRE_MAX in an offer,
+#: outputs up to INLINE_OUTPUT_MAX in a completion, INLINE_TOTAL_MAX in all.
+INLINE_REQUIRE_MAX = 64 * 1024
+INLINE_OUTPUT_MAX = 256 * 1024
+INLINE_TOTAL_MAX = 1024 * 1024
+
+
+def decode_inline(blobs: dict[str, str]) -> dict[str, bytes]:
+    """``{sha256: base64}`` → ``{sha256: bytes}``; ValueError names a bad entry."""
+    out: dict[str, bytes] = {}
+    for digest, text in blobs.items():
+        try:
+            out[digest] = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"inline blob {digest}: not valid base64") from None
+    return out
+
+
+def encode_inline(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 class _In(BaseModel):
@@ -280,6 +304,19 @@ class Completion(_In):
     error: str | None = Field(default=None, max_length=10_000)
     outputs: list[OutputFile] = Field(default_factory=list)
     log: list[LogChunk] = Field(default_factory=list, description="output not yet streamed")
+    blobs: dict[Digest, str] = Field(
+        default_factory=dict,
+        description="small outputs inline, sha256 → base64 (at most 1 MiB decoded in all); "
+        "stored as if uploaded, each checked against its digest",
+    )
+
+    @field_validator("blobs")
+    @classmethod
+    def _blobs_fit(cls, v: dict[str, str]) -> dict[str, str]:
+        total = sum(len(b) for b in decode_inline(v).values())
+        if total > INLINE_TOTAL_MAX:
+            raise ValueError(f"inline blobs total {total} bytes, more than {INLINE_TOTAL_MAX}")
+        return v
 
 
 class ClaimRequest(_In):
@@ -304,6 +341,11 @@ class Offer(_Out):
     timeout_s: float | None
     lease_expires_at: datetime
     ack_deadline: datetime
+    inline: dict[str, str] = Field(
+        default_factory=dict,
+        description="bytes of small required files, sha256 → base64, so the agent need "
+        "not fetch them; any other required file is fetched from the blob store",
+    )
 
 
 class CompletionResult(_Out):

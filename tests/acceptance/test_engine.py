@@ -5,6 +5,7 @@ Runs against SQLite and PostgreSQL (the ``db_url`` fixture).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
@@ -115,12 +116,16 @@ def test_three_stage_job_with_fifty_parallel_tasks(client: HerderClient, farm: L
     # The last stage started only after every transform task succeeded.
     events = client.job_events(job.id)
     finish_id = job.stages[2].tasks[0].id
-    queued_at = next(e.at for e in events if e.task_id == finish_id and e.to_state == "queued")
+    # Event ids follow commit order; times are each transaction's start by the
+    # database clock, so on PostgreSQL the transaction that unblocks the stage
+    # may have started (and be stamped) a moment before the last success it
+    # waited for committed.
+    queued = next(e.id for e in events if e.task_id == finish_id and e.to_state == "queued")
     transform_ids = {t.id for t in job.stages[1].tasks}
     last_success = max(
-        e.at for e in events if e.task_id in transform_ids and e.to_state == "succeeded"
+        e.id for e in events if e.task_id in transform_ids and e.to_state == "succeeded"
     )
-    assert queued_at >= last_success
+    assert queued > last_success
     (attempt,) = job.stages[2].tasks[0].attempts
     assert client.read_full_log(attempt.id, "stdout") == "finished\n"
 
@@ -275,6 +280,20 @@ def test_unknown_ids_and_bad_blobs(farm: LocalFarm) -> None:
         json={"attempt_id": 777, "token": "x", "outcome": "exited", "exit_code": 0},
     )
     assert r.status_code == 409 and r.json()["error"] == "stale_attempt"
+
+    # Inline output blobs: bad base64 and bytes that do not match their digest
+    # are refused before anything is stored.
+    done = {"attempt_id": 777, "token": "x", "outcome": "exited", "exit_code": 0}
+    r = httpx.post(
+        f"{url}/api/v1/attempts/777/complete", json={**done, "blobs": {wrong: "not base64!"}}
+    )
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert "base64" in r.json()["message"]
+    lie = base64.b64encode(b"something else").decode()
+    r = httpx.post(f"{url}/api/v1/attempts/777/complete", json={**done, "blobs": {wrong: lie}})
+    assert r.status_code == 422 and r.json()["error"] == "digest_mismatch"
+    r = httpx.post(f"{url}/api/v1/blobs/missing", json={"digests": [wrong]})
+    assert r.json()["missing"] == [wrong], "a refused inline blob must not be stored"
 
 
 def test_openapi_and_metrics_served(farm: LocalFarm) -> None:

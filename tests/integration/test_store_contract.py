@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from herder.api_models import (
+    INLINE_REQUIRE_MAX,
     AgentRegister,
     Completion,
     Heartbeat,
@@ -21,6 +22,8 @@ from herder.api_models import (
     RunningAttempt,
     StageSpec,
     TaskSpec,
+    decode_inline,
+    encode_inline,
 )
 from herder.errors import DigestMismatch, NotFound, StaleAttempt
 from herder.store import Store
@@ -585,6 +588,44 @@ def test_blobs(store: Store) -> None:
     assert store.put_blob(empty, b"") == (0, True)
     assert store.get_blob(empty) == b""
     assert store.missing_blobs([]) == []
+
+
+def test_small_files_travel_inline(store: Store) -> None:
+    small, big = b"int f(void) { return 4; }\n", b"x" * (INLINE_REQUIRE_MAX + 1)
+    ds, db = sha(small), sha(big)
+    store.put_blob(ds, small)
+    store.put_blob(db, big)
+    req = [{"path": "f.c", "digest": ds}, {"path": "big.h", "digest": db}]
+    store.submit_job(job([TaskSpec(command="cc -c f.c", requires=req)]))  # type: ignore[list-item]
+    a = agent(store)
+    (o,) = store.claim(a, 1).offers
+    # the small required file comes with the offer; the big one is fetched
+    assert decode_inline(o.inline) == {ds: small}
+    # a small output comes with the completion and is stored as if uploaded
+    obj = b"\x7fELF object"
+    do = sha(obj)
+    out = OutputFile(path="f.o", digest=do, size=len(obj), mode=0o644)
+    c = ok(o, outputs=[out], blobs={do: encode_inline(obj)})
+    res = store.claim(a, 0, completions=[c]).results
+    assert [r.result for r in res] == ["accepted"]
+    assert store.get_blob(do) == obj
+
+
+def test_inline_blob_with_wrong_digest_changes_nothing(store: Store) -> None:
+    store.submit_job(job(tasks(1)))
+    a = agent(store)
+    (o,) = store.claim(a, 1).offers
+    lie = sha(b"what was claimed")
+    out = OutputFile(path="o", digest=lie, size=5, mode=0o644)
+    bad = ok(o, outputs=[out], blobs={lie: encode_inline(b"other")})
+    before = store.list_events()
+    with pytest.raises(DigestMismatch):
+        store.claim(a, 1, completions=[bad])
+    with pytest.raises(DigestMismatch):
+        store.complete(bad)
+    assert store.missing_blobs([lie]) == [lie]
+    assert store.get_task(o.task_id).state == "offered"
+    assert store.list_events() == before
 
 
 # ---------------------------------------------------------------- events

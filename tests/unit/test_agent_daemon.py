@@ -16,6 +16,7 @@ import pytest
 from herder.agent.daemon import Agent, AgentConfig, Backoff
 from herder.agent.journal import Journal, JournalEntry
 from herder.api_models import (
+    INLINE_OUTPUT_MAX,
     AgentRegister,
     AgentView,
     ClaimRequest,
@@ -27,6 +28,7 @@ from herder.api_models import (
     LogChunk,
     Offer,
     RequiredFile,
+    decode_inline,
 )
 from herder.client import NoMasterAvailable, StaleAttemptError
 
@@ -57,6 +59,8 @@ class FakeMaster:
         self.logs: dict[int, list[LogChunk]] = {}
         self.heartbeats: list[Heartbeat] = []
         self.blobs: dict[str, bytes] = {}
+        self.inline_blobs = 0  # outputs that came inside completions
+        self.puts = 0  # outputs uploaded by put_blob
         self.registrations: list[AgentRegister] = []
         self.cancel_next: list[int] = []
         self.stale_ids: set[int] = set()
@@ -134,6 +138,10 @@ class FakeMaster:
                 stale = c.attempt_id in self.stale_ids or c.attempt_id in self.completions
                 if not stale:
                     self.completions[c.attempt_id] = c
+                    for digest, data in decode_inline(c.blobs).items():
+                        assert hashlib.sha256(data).hexdigest() == digest
+                        self.blobs[digest] = data
+                        self.inline_blobs += 1
                 results.append(
                     CompletionResult(
                         attempt_id=c.attempt_id, result="stale" if stale else "accepted"
@@ -182,6 +190,7 @@ class FakeMaster:
         self._check_up("/blobs")
         assert hashlib.sha256(data).hexdigest() == digest
         self.blobs[digest] = data
+        self.puts += 1
 
     def download_blob(self, digest: str, dest: Path) -> None:
         dest.write_bytes(self.blobs[digest])
@@ -263,6 +272,8 @@ def test_runs_tasks_one_round_trip_each(start: Callable[..., tuple[FakeMaster, R
     for c in fake.completions.values():
         assert len(c.outputs) == 1
         assert fake.blobs[c.outputs[0].digest].startswith(b"out")
+    # small outputs rode inside their completions: no blob requests for them
+    assert (fake.inline_blobs, fake.puts) == (8, 0)
     # every completion rode on a claim; short tasks need no separate ack request
     assert fake.ack_calls == []
     with_completions = [c for c in fake.claims if c.completions]
@@ -270,6 +281,22 @@ def test_runs_tasks_one_round_trip_each(start: Callable[..., tuple[FakeMaster, R
     # the agent's sandboxes are gone after delivery
     work = run.agent.config.work_root
     assert work is not None and [p.name for p in work.iterdir()] == []
+
+
+def test_big_outputs_are_uploaded_not_inlined(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1)
+    big = INLINE_OUTPUT_MAX + 1
+    fake.add(f"head -c {big} /dev/zero > big.bin; echo small > small.txt")
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    assert run.stop() == 0
+    (c,) = fake.completions.values()
+    assert c.blobs == {}
+    sizes = sorted((o.path, o.size) for o in c.outputs)
+    assert sizes == [("big.bin", big), ("small.txt", 6)]
+    assert fake.blobs[next(o.digest for o in c.outputs if o.path == "big.bin")] == bytes(big)
+    assert (fake.inline_blobs, fake.puts) == (0, 2)
 
 
 def test_slots_never_overclaimed_under_load(
@@ -482,10 +509,11 @@ def test_journal_entries_roundtrip(tmp_path: Path) -> None:
     assert j.load() == []
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline-outputs", "uploaded-outputs"])
 def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
-    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]]
+    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]], inline: bool
 ) -> None:
-    fake, run = start(slots=1, delivery_timeout_s=0.3)
+    fake, run = start(slots=1, delivery_timeout_s=0.3, inline_outputs=inline)
     fake.add("sleep 0.3; echo result > out.txt")
     fake.wait_for(lambda: bool(fake.outstanding))
     with fake.lock:
@@ -496,16 +524,22 @@ def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
     (aid,) = fake.offers
     assert _journal_files(state) == [f"a{aid}.json"]
     assert fake.completions == {}
-    # the output's bytes are kept with the journal entry (in the sandbox)
+    # the output's bytes are kept with the journal entry: inside its completion
+    # when small enough to travel inline, else in the sandbox
     entry = json.loads((state / "journal" / f"a{aid}.json").read_text())
-    (blob_path,) = entry["blobs"].values()
-    assert Path(blob_path).read_bytes() == b"result\n"
+    if inline:
+        assert entry["blobs"] == {}
+        assert list(decode_inline(entry["completion"]["blobs"]).values()) == [b"result\n"]
+    else:
+        assert entry["completion"]["blobs"] == {}
+        (blob_path,) = entry["blobs"].values()
+        assert Path(blob_path).read_bytes() == b"result\n"
 
     # a new agent process (same state dir) delivers it, once, before claiming
     with fake.lock:
         fake.down = False
         fake.blobs.clear()
-    agent = Agent(make_config(tmp_path, slots=1), client=fake)
+    agent = Agent(make_config(tmp_path, slots=1, inline_outputs=inline), client=fake)
     run2 = Running(agent)
     fake.wait_for(lambda: aid in fake.completions)
     fake.add("true")
@@ -519,6 +553,7 @@ def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
     assert (c.outcome, c.exit_code) == ("exited", 0)
     assert [o.path for o in c.outputs] == ["out.txt"]
     assert fake.blobs[c.outputs[0].digest] == b"result\n"
+    assert (fake.inline_blobs, fake.puts) == ((1, 0) if inline else (0, 1))
     assert _journal_files(state) == []
     assert agent.config.work_root is not None and list(agent.config.work_root.iterdir()) == []
 

@@ -56,6 +56,8 @@ from typing import Any, Protocol
 from herder.agent.executor import ExecResult, ExecSpec, Execution, Executor, StagingError
 from herder.agent.journal import Journal, JournalEntry
 from herder.api_models import (
+    INLINE_OUTPUT_MAX,
+    INLINE_TOTAL_MAX,
     AgentRegister,
     AgentView,
     ClaimRequest,
@@ -69,6 +71,8 @@ from herder.api_models import (
     Outcome,
     ResourceUsage,
     RunningAttempt,
+    decode_inline,
+    encode_inline,
 )
 
 log = logging.getLogger("herder.agent")
@@ -112,6 +116,7 @@ class AgentConfig:
     backoff_max_s: float = 30.0
     delivery_timeout_s: float = 30.0  # after draining, how long to keep trying to deliver
     journal_min_s: float = 1.0  # journal a completion before sending when the task ran this long
+    inline_outputs: bool = True  # small outputs ride in the completion (no blob requests)
     # A completion waits up to batch_wait_s for attempts that started less than
     # batch_young_s ago (likely short ones) to finish, so that one request
     # carries them all (DESIGN §10). Long-running siblings never delay it.
@@ -917,6 +922,8 @@ class Agent:
             att = self._attempts.get(offer.attempt_id)
             if att is None:
                 att = self._attempts[offer.attempt_id] = _Attempt.of(offer)
+        if offer.inline:
+            self._cache_inline(offer)
         ex = self.executor.execution(ExecSpec.from_offer(offer))
         att.execution = ex
         try:
@@ -966,9 +973,45 @@ class Agent:
             self._acks[att.id] = time.monotonic() + self.config.ack_delay_s
         return ex.wait()
 
+    def _cache_inline(self, offer: Offer) -> None:
+        """Small required files came with the offer: no blob request for them."""
+        try:
+            for digest, data in decode_inline(offer.inline).items():
+                if not self.executor.blobs.add_verified(digest, data):
+                    log.warning("event=inline_blob_mismatch attempt=%d", offer.attempt_id)
+        except (ValueError, OSError) as exc:  # staging fetches what is not cached
+            log.warning("event=inline_blob_failed attempt=%d error=%r", offer.attempt_id, str(exc))
+
+    def _inline_outputs(self, res: ExecResult) -> dict[str, str] | None:
+        """Outputs small enough to ride in the completion, or None to upload them."""
+        total = 0
+        for of, _path in res.outputs:
+            if of.size > INLINE_OUTPUT_MAX:
+                return None
+            total += of.size
+        if total > INLINE_TOTAL_MAX:
+            return None
+        blobs: dict[str, str] = {}
+        for of, path in res.outputs:
+            if of.digest not in blobs:
+                data = path.read_bytes()
+                if len(data) != of.size:  # changed since it was hashed: upload instead
+                    return None
+                blobs[of.digest] = encode_inline(data)
+        return blobs
+
     def _make_completion(self, att: _Attempt, ex: Execution, res: ExecResult) -> Completion:
         outputs = []
-        if res.outputs and not att.stale:
+        inline: dict[str, str] = {}
+        if res.outputs and not att.stale and self.config.inline_outputs:
+            try:
+                inline = self._inline_outputs(res) or {}
+            except OSError as exc:
+                log.warning("event=inline_outputs_failed attempt=%d error=%r", att.id, str(exc))
+        if inline:
+            att.blobs, att.uploaded = {}, True
+            outputs = res.output_files
+        elif res.outputs and not att.stale:
             att.blobs = {of.digest: path for of, path in res.outputs}
             att.uploaded = False
             try:
@@ -996,6 +1039,7 @@ class Agent:
             error=_clip(res.error) if res.error else None,
             outputs=outputs,
             log=self._final_log(att, ex),
+            blobs=inline,
         )
 
     def _upload(self, att: _Attempt) -> None:

@@ -125,6 +125,16 @@ class BlobCache:
                 tmp.unlink()
         return dest
 
+    def add_verified(self, digest: str, data: bytes) -> bool:
+        """Cache ``data`` under ``digest`` if it hashes to it (bytes that came inline)."""
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != digest:
+            return False
+        if not self.path(digest).exists():
+            self.add_bytes(data)
+        return True
+
     def add_bytes(self, data: bytes) -> str:
         """Store ``data``; return its digest (used by tests and direct mode)."""
         import hashlib

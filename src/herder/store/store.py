@@ -31,6 +31,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from herder.api_models import (
+    INLINE_REQUIRE_MAX,
+    INLINE_TOTAL_MAX,
     AgentRegister,
     AgentView,
     Completion,
@@ -49,6 +51,8 @@ from herder.api_models import (
     Offer,
     RequiredFile,
     TaskView,
+    decode_inline,
+    encode_inline,
 )
 from herder.core.rules import (
     DEFAULT_BLOCKLIST_FORGIVE_S,
@@ -375,6 +379,37 @@ def _pg_now(conn: Connection) -> datetime:
     value = conn.exec_driver_sql("SELECT now()").scalar_one()
     assert isinstance(value, datetime)
     return value.astimezone(UTC)
+
+
+def _verified_inline(completions: Sequence[Completion]) -> dict[str, bytes]:
+    """Inline output blobs of ``completions``, each checked against its digest."""
+    found: dict[str, bytes] = {}
+    for c in completions:
+        if not c.blobs:
+            continue
+        for digest, data in decode_inline(c.blobs).items():
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise DigestMismatch(
+                    f"inline blob of attempt {c.attempt_id}: the data's sha256 does not match "
+                    "the digest",
+                    detail={"expected": digest, "actual": actual},
+                )
+            found[digest] = data
+    return found
+
+
+def _inline_for(requires: Sequence[Any], small: dict[str, bytes]) -> dict[str, str]:
+    """Base64 of an offer's small required files, at most INLINE_TOTAL_MAX bytes in all."""
+    out: dict[str, str] = {}
+    total = 0
+    for x in requires:
+        data = small.get(x["digest"])
+        if data is None or x["digest"] in out or total + len(data) > INLINE_TOTAL_MAX:
+            continue
+        out[x["digest"]] = encode_inline(data)
+        total += len(data)
+    return out
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -1144,6 +1179,7 @@ class Store:
         acks: Sequence[int] = (),
     ) -> ClaimOutcome:
         """One transaction: apply completions, then acks, then offer up to ``max_tasks``."""
+        inline = _verified_inline(completions)  # DigestMismatch before anything changes
 
         def tx(t: _Tx) -> ClaimOutcome:
             agent = t.conn.execute(
@@ -1152,6 +1188,8 @@ class Store:
             if agent is None:
                 raise NotFound(f"agent {agent_id} not found")
             out = ClaimOutcome()
+            if inline:
+                self._insert_blobs(t, inline)
             if completions:
                 # One lookup for every completion of the batch (no N+1 on the hot path).
                 found = {
@@ -1208,6 +1246,7 @@ class Store:
             for r in rows
         ]
         attempt_ids = t.conn.execute(self._q.insert_attempts, params).scalars().all()
+        small = self._small_blobs(t, {x["digest"] for r in rows for x in (r.requires or [])})
         offers = []
         for r, p, aid in zip(rows, params, attempt_ids, strict=True):
             t.event(
@@ -1233,6 +1272,7 @@ class Store:
                     timeout_s=r.timeout_s,
                     lease_expires_at=lease_expires,
                     ack_deadline=ack_deadline,
+                    inline=_inline_for(r.requires or [], small),
                 )
             )
         # The first offer of a job starts it.
@@ -1326,8 +1366,11 @@ class Store:
 
     def complete(self, c: Completion, agent_id: str | None = None) -> tuple[CompletionResult, bool]:
         """Apply one completion. ``(result, woke)``; a stale completion changes nothing."""
+        inline = _verified_inline([c])
 
         def tx(t: _Tx) -> tuple[CompletionResult, bool]:
+            if inline:
+                self._insert_blobs(t, inline)
             res = self._complete(t, c, agent_id)
             return res, t.woke
 
@@ -1958,6 +2001,37 @@ class Store:
         return n
 
     # ------------------------------------------------------------------ blobs
+
+    def _small_blobs(self, t: _Tx, digests: set[str]) -> dict[str, bytes]:
+        """The bytes of those of ``digests`` small enough to travel in an offer."""
+        if not digests:
+            return {}
+        wanted = sorted(digests)
+        found: dict[str, bytes] = {}
+        for i in range(0, len(wanted), _BLOB_QUERY_BATCH):
+            for digest, data in t.conn.execute(
+                sa.select(blobs.c.digest, blobs.c.data).where(
+                    blobs.c.digest.in_(wanted[i : i + _BLOB_QUERY_BATCH]),
+                    blobs.c.size <= INLINE_REQUIRE_MAX,
+                )
+            ):
+                found[digest] = bytes(data)
+        return found
+
+    def _insert_blobs(self, t: _Tx, found: dict[str, bytes]) -> None:
+        """Store verified blobs the store lacks, in the caller's transaction."""
+        have = set(
+            t.conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(list(found))))
+            .scalars()
+            .all()
+        )
+        rows = [
+            {"digest": d, "size": len(data), "data": data, "created_at": t.now}
+            for d, data in found.items()
+            if d not in have
+        ]
+        if rows:
+            t.conn.execute(self._insert_ignore(blobs), rows)
 
     def missing_blobs(self, digests: Sequence[str]) -> list[str]:
         wanted = list(dict.fromkeys(digests))
