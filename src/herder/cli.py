@@ -521,7 +521,8 @@ def run(
                 _fail(f"farm error: {exc}{where}")
     finally:
         if farm is not None:
-            farm.close()  # type: ignore[attr-defined]
+            # Nothing runs any more (a failed build cancelled its job): stop together.
+            farm.close(at_once=True)  # type: ignore[attr-defined]
     raise typer.Exit(0 if ok else 1)
 
 

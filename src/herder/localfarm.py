@@ -217,17 +217,27 @@ class LocalFarm:
             time.sleep(0.05)
         raise RuntimeError(f"fewer than {count} agents registered after {wait}s")
 
-    def stop(self) -> None:
+    def stop(self, at_once: bool = False) -> None:
+        """Stop agents (they drain), then the master.
+
+        ``at_once``: signal the master together with the agents, for a farm
+        with no work left (the end of a build). An idle agent then need not
+        wait out its parked long-poll: the stopping master answers it.
+        """
         for proc in self.agents:
             proc.signal(signal.SIGTERM)
+        if at_once and self.master is not None:
+            self.master.signal(signal.SIGTERM)
         for proc in self.agents:
             if proc.wait(20) is None:
                 proc.kill9()
         if self.master is not None:
+            if at_once:
+                self.master.wait(15)  # a second SIGTERM would cut its shutdown short
             self.master.stop()
 
-    def close(self) -> None:
-        self.stop()
+    def close(self, at_once: bool = False) -> None:
+        self.stop(at_once)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +31,11 @@ from herder.api_models import JobSubmit, JobView, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm, Proc
 from herder.store import Store
+from waiting import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 
 TOKEN = "talkback-token-for-tests-0123456789"
-
-
-def wait_for(
-    pred: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s\n{logs()[-6000:]}")
 
 
 def job_spec(name: str, n: int, sleep: float = 0.3) -> JobSubmit:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,22 +25,11 @@ from herder.api_models import JobSubmit, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm
 from herder.store import Store
+from waiting import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 
 ROUND = re.compile(r"event=all_masters_down wait_s=([\d.]+) ceiling_s=([\d.]+) round=(\d+)")
-
-
-def wait_for(
-    pred: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s\n{logs()[-6000:]}")
 
 
 def rounds(text: str) -> list[tuple[float, float, int, float]]:

@@ -14,11 +14,8 @@ failures the agents met appear in the master directory.
 from __future__ import annotations
 
 import signal
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +24,9 @@ import pg
 from dnsserver import DnsServer
 from herder.api_models import JobSubmit, StageSpec, TaskSpec
 from herder.client import HerderClient
-from herder.localfarm import LocalFarm, Proc, _herder_argv, free_port
+from herder.localfarm import LocalFarm, Proc, _herder_argv
 from herder.store import Store
+from waiting import port_free_on, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 
@@ -42,31 +40,9 @@ def _fast_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERDER_MASTER_HEARTBEAT_S", str(HEARTBEAT_S))
 
 
-def _port_free_on(port: int, hosts: list[str]) -> bool:
-    for host in hosts:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def wait_for(
-    pred: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s\n{logs()[-6000:]}")
-
-
 @pytest.fixture
 def three_masters(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[list[LocalFarm], str]]:
-    port = next(p for p in (free_port(HOSTS[0]) for _ in range(50)) if _port_free_on(p, HOSTS))
+    port = port_free_on(HOSTS)
     db_url = pg.create_database(pg_dsn)
     farms = [
         LocalFarm(

@@ -12,8 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import pytest
 import pg
 from herder.client import HerderClient
 from herder.client.discovery import MasterDiscovery, report_failures
-from herder.localfarm import LocalFarm, free_port
+from herder.localfarm import LocalFarm
 from herder.store import Store
+from waiting import port_free_on, timed_wait
 
 HEARTBEAT_S = 0.5  # timeout: 3 intervals = 1.5 s
 HOSTS = ["127.0.0.2", "127.0.0.3"]
@@ -33,25 +33,6 @@ HOSTS = ["127.0.0.2", "127.0.0.3"]
 @pytest.fixture(autouse=True)
 def _fast_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERDER_MASTER_HEARTBEAT_S", str(HEARTBEAT_S))
-
-
-def _port_free_on(port: int, hosts: list[str]) -> bool:
-    for host in hosts:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def directory(url: str, all_: bool = False) -> dict[str, dict[str, object]]:
@@ -66,7 +47,7 @@ def _dt(value: object) -> datetime:
 
 @pytest.fixture
 def two_masters(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[LocalFarm, LocalFarm, str]]:
-    port = next(p for p in (free_port(HOSTS[0]) for _ in range(50)) if _port_free_on(p, HOSTS))
+    port = port_free_on(HOSTS)
     db_url = pg.create_database(pg_dsn)
     farms = [
         LocalFarm(db_url=db_url, host=h, port=port, workdir=tmp_path / h, log_level="info")
@@ -125,7 +106,7 @@ def test_two_masters_on_postgres(two_masters: tuple[LocalFarm, LocalFarm, str]) 
     up = directory(b.url)
     if a.url in up:
         assert _dt(up[a.url]["last_heartbeat_at"]) > _dt(up[a.url]["last_failure_at"])
-    wait_for(lambda: a.url in directory(b.url), 5, "A listed again after its heartbeat")
+    timed_wait(lambda: a.url in directory(b.url), 5, "A listed again after its heartbeat")
     assert directory(b.url)[a.url]["failures"] == 1
 
     # Bad bodies: 422, nothing recorded.
@@ -151,7 +132,7 @@ def test_two_masters_on_postgres(two_masters: tuple[LocalFarm, LocalFarm, str]) 
     # SIGKILL B: it drops out of A's directory after the heartbeat timeout.
     assert b.master is not None
     b.master.kill9()
-    took = wait_for(lambda: b.url not in directory(a.url), 10, "B dropped out")
+    took = timed_wait(lambda: b.url not in directory(a.url), 10, "B dropped out")
     assert took < 3 * HEARTBEAT_S + 3.0
     gone = directory(a.url, all_=True)[b.url]
     assert gone["state"] == "failed" and gone["down_reason"] == "heartbeat_timeout"
@@ -192,7 +173,7 @@ def test_single_master_on_sqlite(tmp_path: Path) -> None:
         assert m["id"] == f"{socket.gethostname()}:{farm.host}:{farm.port}"
         assert m["state"] == "up"
         hb = _dt(m["last_heartbeat_at"])
-        wait_for(
+        timed_wait(
             lambda: _dt(directory(farm.url)[farm.url]["last_heartbeat_at"]) > hb,
             5,
             "a heartbeat",

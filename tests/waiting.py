@@ -1,0 +1,57 @@
+"""Helpers the integration tests share: waiting for a condition, and one port
+free on several loopback addresses (several "hosts" on one machine)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from herder.localfarm import free_port
+
+
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float,
+    what: str,
+    logs: Callable[[], str] = str,
+    poll_s: float = 0.05,
+) -> Any:
+    """The first truthy value of ``pred()`` within ``timeout`` seconds.
+
+    Fails naming ``what``, with the tail of ``logs()`` (process logs) attached.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"{what}: not within {timeout}s\n{logs()[-6000:]}")
+
+
+def timed_wait(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``pred()`` held (fails after ``timeout``)."""
+    start = time.monotonic()
+    wait_for(pred, timeout, what)
+    return time.monotonic() - start
+
+
+def port_free_on(hosts: list[str]) -> int:
+    """A TCP port that is free on every one of ``hosts`` (loopback addresses)."""
+
+    def free_everywhere(port: int) -> bool:
+        for host in hosts:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    return False
+        return True
+
+    for _ in range(50):
+        port = free_port(hosts[0])
+        if free_everywhere(port):
+            return port
+    raise RuntimeError(f"no port free on all of {hosts}")
