@@ -209,7 +209,9 @@ def test_unreachable_talkback_costs_only_latency(
     pickups = _pickups(a, b, 3)
     assert len(pickups) == 3  # every job done (through A's recheck)
     assert max(pickups) < 3.0
-    assert _metric(b.url, "herder_wake_failures_total") >= 3
+    # B tried the dead endpoint (it wakes agents it sees idle; on a loaded
+    # machine the agent may not have parked again before every submit).
+    assert _metric(b.url, "herder_wake_failures_total") >= 1
 
 
 def test_wake_targets_and_token_never_in_views(db_url: str) -> None:
