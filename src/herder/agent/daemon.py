@@ -982,55 +982,45 @@ class Agent:
         except (ValueError, OSError) as exc:  # staging fetches what is not cached
             log.warning("event=inline_blob_failed attempt=%d error=%r", offer.attempt_id, str(exc))
 
-    def _inline_outputs(self, res: ExecResult) -> dict[str, str] | None:
-        """Outputs small enough to ride in the completion, or None to upload them."""
-        total = 0
-        for of, _path in res.outputs:
-            if of.size > INLINE_OUTPUT_MAX:
-                return None
-            total += of.size
-        if total > INLINE_TOTAL_MAX:
-            return None
+    def _inline_outputs(self, att: _Attempt, res: ExecResult) -> dict[str, str]:
+        """Outputs small enough to ride in the completion; empty: upload them instead."""
+        sizes = [of.size for of, _path in res.outputs]
+        if (
+            not self.config.inline_outputs
+            or max(sizes) > INLINE_OUTPUT_MAX
+            or sum(sizes) > INLINE_TOTAL_MAX
+        ):
+            return {}
         blobs: dict[str, str] = {}
-        for of, path in res.outputs:
-            if of.digest not in blobs:
-                data = path.read_bytes()
-                if len(data) != of.size:  # changed since it was hashed: upload instead
-                    return None
-                blobs[of.digest] = encode_inline(data)
+        try:
+            for of, path in res.outputs:
+                if of.digest not in blobs:
+                    data = path.read_bytes()
+                    if len(data) != of.size:  # changed since it was hashed: upload instead
+                        return {}
+                    blobs[of.digest] = encode_inline(data)
+        except OSError as exc:
+            log.warning("event=inline_outputs_failed attempt=%d error=%r", att.id, str(exc))
+            return {}
         return blobs
 
     def _make_completion(self, att: _Attempt, ex: Execution, res: ExecResult) -> Completion:
         outputs = []
         inline: dict[str, str] = {}
-        if res.outputs and not att.stale and self.config.inline_outputs:
-            try:
-                inline = self._inline_outputs(res) or {}
-            except OSError as exc:
-                log.warning("event=inline_outputs_failed attempt=%d error=%r", att.id, str(exc))
-        if inline:
-            att.blobs, att.uploaded = {}, True
+        if res.outputs and not att.stale:
             outputs = res.output_files
-        elif res.outputs and not att.stale:
-            att.blobs = {of.digest: path for of, path in res.outputs}
-            att.uploaded = False
-            try:
-                self._upload(att)
-            except Exception as exc:
-                if _is_client_error(exc):
-                    log.error("event=upload_failed attempt=%d error=%r", att.id, str(exc))
-                    att.blobs, att.uploaded = {}, True
-                    return Completion(
-                        attempt_id=att.id,
-                        token=att.token,
-                        outcome="launch_failed",
-                        exit_code=res.exit_code,
-                        error=_clip(f"cannot upload outputs: {exc}"),
-                        log=self._final_log(att, ex),
-                    )
-                # transient: the sender uploads before delivering (and retries)
-                log.warning("event=upload_deferred attempt=%d error=%r", att.id, str(exc))
-            outputs = res.output_files
+            inline = self._inline_outputs(att, res)
+            if inline:
+                att.blobs, att.uploaded = {}, True
+            elif (refused := self._upload_outputs(att, res)) is not None:
+                return Completion(
+                    attempt_id=att.id,
+                    token=att.token,
+                    outcome="launch_failed",
+                    exit_code=res.exit_code,
+                    error=_clip(f"cannot upload outputs: {refused}"),
+                    log=self._final_log(att, ex),
+                )
         return Completion(
             attempt_id=att.id,
             token=att.token,
@@ -1041,6 +1031,24 @@ class Agent:
             log=self._final_log(att, ex),
             blobs=inline,
         )
+
+    def _upload_outputs(self, att: _Attempt, res: ExecResult) -> str | None:
+        """Upload outputs from the slot thread; the master's refusal, or None.
+
+        A transient failure is not a refusal: the sender uploads before
+        delivering (and retries).
+        """
+        att.blobs = {of.digest: path for of, path in res.outputs}
+        att.uploaded = False
+        try:
+            self._upload(att)
+        except Exception as exc:
+            if _is_client_error(exc):
+                log.error("event=upload_failed attempt=%d error=%r", att.id, str(exc))
+                att.blobs, att.uploaded = {}, True
+                return str(exc)
+            log.warning("event=upload_deferred attempt=%d error=%r", att.id, str(exc))
+        return None
 
     def _upload(self, att: _Attempt) -> None:
         """Upload the outputs of ``att`` the blob store lacks (one try; raises on failure)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -127,19 +128,19 @@ class BlobCache:
 
     def add_verified(self, digest: str, data: bytes) -> bool:
         """Cache ``data`` under ``digest`` if it hashes to it (bytes that came inline)."""
-        import hashlib
-
         if hashlib.sha256(data).hexdigest() != digest:
             return False
-        if not self.path(digest).exists():
-            self.add_bytes(data)
+        self._put(digest, data)
         return True
 
     def add_bytes(self, data: bytes) -> str:
         """Store ``data``; return its digest (used by tests and direct mode)."""
-        import hashlib
-
         digest = hashlib.sha256(data).hexdigest()
+        self._put(digest, data)
+        return digest
+
+    def _put(self, digest: str, data: bytes) -> None:
+        """Write bytes already known to hash to ``digest``, atomically, if absent."""
         dest = self.path(digest)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,6 @@ class BlobCache:
             tmp.write_bytes(data)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
-        return digest
 
 
 # ------------------------------------------------------------------ log tails

@@ -388,15 +388,20 @@ def _verified_inline(completions: Sequence[Completion]) -> dict[str, bytes]:
         if not c.blobs:
             continue
         for digest, data in decode_inline(c.blobs).items():
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != digest:
-                raise DigestMismatch(
-                    f"inline blob of attempt {c.attempt_id}: the data's sha256 does not match "
-                    "the digest",
-                    detail={"expected": digest, "actual": actual},
-                )
+            _check_digest(digest, data, f"inline blob of attempt {c.attempt_id}: ")
             found[digest] = data
     return found
+
+
+def _check_digest(digest: str, data: bytes, what: str = "") -> str:
+    """The sha256 of ``data``; DigestMismatch (nothing stored) unless it is ``digest``."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest.lower():
+        raise DigestMismatch(
+            f"{what}the data's sha256 does not match the digest",
+            detail={"expected": digest, "actual": actual},
+        )
+    return actual
 
 
 def _inline_for(requires: Sequence[Any], small: dict[str, bytes]) -> dict[str, str]:
@@ -2019,19 +2024,12 @@ class Store:
         return found
 
     def _insert_blobs(self, t: _Tx, found: dict[str, bytes]) -> None:
-        """Store verified blobs the store lacks, in the caller's transaction."""
-        have = set(
-            t.conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(list(found))))
-            .scalars()
-            .all()
-        )
+        """Store verified blobs in the caller's transaction; known ones are left as they are."""
         rows = [
             {"digest": d, "size": len(data), "data": data, "created_at": t.now}
             for d, data in found.items()
-            if d not in have
         ]
-        if rows:
-            t.conn.execute(self._insert_ignore(blobs), rows)
+        t.conn.execute(self._insert_ignore(blobs), rows)
 
     def missing_blobs(self, digests: Sequence[str]) -> list[str]:
         wanted = list(dict.fromkeys(digests))
@@ -2051,12 +2049,7 @@ class Store:
 
     def put_blob(self, digest: str, data: bytes) -> tuple[int, bool]:
         """Store a blob under its sha256; ``(size, created)``. Raises DigestMismatch."""
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest.lower():
-            raise DigestMismatch(
-                "the data's sha256 does not match the digest",
-                detail={"expected": digest, "actual": actual},
-            )
+        actual = _check_digest(digest, data)
         if not self.missing_blobs([actual]):
             return len(data), False
 
