@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from herder.api_models import AgentRegister, Heartbeat, MasterFailureReport
 from herder.master.app import MasterConfig, create_app
 from herder.store import Store
+from waiting import wait_for
 
 INTERVAL = 0.2
 
@@ -56,15 +57,6 @@ def ids(client: TestClient, *, all_: bool = False) -> list[str]:
     return [m["id"] for m in r.json()["masters"]]
 
 
-def wait_for(pred: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def _dt(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -102,7 +94,9 @@ def test_two_masters_listed_failure_hides_until_next_heartbeat(store: Store) -> 
         if _dt(view["last_heartbeat_at"]) <= _dt(view["last_failure_at"]):
             assert view["state"] == "failed" and view["down_reason"] == "failure_reported"
             assert B not in ids(a)
-        wait_for(lambda: B in ids(a))  # heartbeated again → visible
+        wait_for(
+            lambda: B in ids(a), 10, "B listed again", poll_s=0.02
+        )  # heartbeated again → visible
         assert a.get(f"/api/v1/masters/{B}").json()["state"] == "up"
 
         # ?all=true lists every master with its failure info.
@@ -199,7 +193,7 @@ def test_heartbeat_timeout_drops_a_master(store: Store) -> None:
         starting=True,
     )
     assert [m.id for m in store.list_masters()] == ["gone:127.0.0.5:1"]
-    wait_for(lambda: store.list_masters() == [], timeout=5)
+    wait_for(lambda: store.list_masters() == [], 5, "directory emptied", poll_s=0.02)
     view = store.get_master("127.0.0.5:1")
     assert view.state == "failed" and view.down_reason == "heartbeat_timeout"
     # It comes back with a heartbeat; a restart resets started_at.
@@ -227,7 +221,7 @@ def test_stats_in_the_directory(store: Store) -> None:
         def counted() -> bool:
             return a.get(f"/api/v1/masters/{A}").json()["requests"] >= 5
 
-        wait_for(counted)
+        wait_for(counted, 10, "requests counted", poll_s=0.02)
         m = a.get(f"/api/v1/masters/{A}").json()
         assert m["avg_request_ms"] > 0 and m["unhandled_exceptions"] == 0
         assert m["in_flight"] >= 0 and m["version"]

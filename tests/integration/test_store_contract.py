@@ -15,18 +15,17 @@ from herder.api_models import (
     AgentRegister,
     Completion,
     Heartbeat,
-    JobSubmit,
     LogChunk,
     Offer,
     OutputFile,
     RunningAttempt,
-    StageSpec,
     TaskSpec,
     decode_inline,
     encode_inline,
 )
 from herder.errors import DigestMismatch, NotFound, StaleAttempt
 from herder.store import Store
+from storekit import fail, job, make_store, ok, tasks
 
 
 @pytest.fixture
@@ -38,34 +37,10 @@ def store(db_url: str) -> Iterator[Store]:
         s.close()
 
 
-def make_store(db_url: str, **kw: Any) -> Store:
-    return Store.open(db_url, migrate=True, **kw)
-
-
-def job(*stages: list[TaskSpec], **kw: Any) -> JobSubmit:
-    return JobSubmit(
-        name=kw.pop("name", "job"),
-        stages=[StageSpec(name=f"s{i}", tasks=ts) for i, ts in enumerate(stages)],
-        **kw,
-    )
-
-
-def tasks(n: int, **kw: Any) -> list[TaskSpec]:
-    return [TaskSpec(command=f"echo {i}", **kw) for i in range(n)]
-
-
 def agent(store: Store, name: str = "a1", **kw: Any) -> str:
     kw.setdefault("slots", 4)
     view, _ = store.register_agent(AgentRegister(name=name, hostname="host", **kw))
     return view.id
-
-
-def ok(o: Offer, **kw: Any) -> Completion:
-    return Completion(attempt_id=o.attempt_id, token=o.token, outcome="exited", exit_code=0, **kw)
-
-
-def fail(o: Offer, code: int = 3) -> Completion:
-    return Completion(attempt_id=o.attempt_id, token=o.token, outcome="exited", exit_code=code)
 
 
 def sha(data: bytes) -> str:

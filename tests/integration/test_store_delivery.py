@@ -15,44 +15,18 @@ from herder.api_models import (
     AgentRegister,
     Completion,
     Heartbeat,
-    JobSubmit,
-    Offer,
     RunningAttempt,
-    StageSpec,
     TaskSpec,
 )
 from herder.store import Store
 from herder.store.schema import agents
-
-
-def make_store(db_url: str, **kw: Any) -> Store:
-    return Store.open(db_url, migrate=True, **kw)
-
-
-def job(*stages: list[TaskSpec], **kw: Any) -> JobSubmit:
-    return JobSubmit(
-        name=kw.pop("name", "job"),
-        stages=[StageSpec(name=f"s{i}", tasks=ts) for i, ts in enumerate(stages)],
-        **kw,
-    )
-
-
-def tasks(n: int, **kw: Any) -> list[TaskSpec]:
-    return [TaskSpec(command=f"echo {i}", **kw) for i in range(n)]
+from storekit import fail, job, make_store, ok, tasks
 
 
 def agent(store: Store, name: str, **kw: Any) -> str:
     kw.setdefault("slots", 4)
     view, _ = store.register_agent(AgentRegister(agent_id=name, name=name, hostname="host", **kw))
     return view.id
-
-
-def fail(o: Offer, code: int = 3) -> Completion:
-    return Completion(attempt_id=o.attempt_id, token=o.token, outcome="exited", exit_code=code)
-
-
-def ok(o: Offer) -> Completion:
-    return Completion(attempt_id=o.attempt_id, token=o.token, outcome="exited", exit_code=0)
 
 
 def age_agent(store: Store, agent_id: str, seconds: float) -> None:
