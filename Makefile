@@ -36,8 +36,13 @@ demo: $(STAMP)
 	$(PY) examples/sum-of-squares/generate.py 10 build/demo
 	$(VENV)/bin/herder run --chdir build/demo build/demo/Rakefile
 
+# Benchmarks: herder beside its baselines, each measured in the same run.
+# Installs the peers (.[test,bench]) and the baselines (distcc, redis-server).
 bench: $(STAMP)
-	$(PY) bench/dispatch.py
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@bash scripts/ensure-bench-deps.sh
+	@status=0; for b in startup.py build.py "dispatch.py --peers" run_many.py memory.py; do \
+	  echo "== bench/$$b"; $(PY) bench/$$b || status=1; echo; done; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,39 +1,48 @@
 #!/usr/bin/env python3
-"""The sum-of-squares build (N=200) through `herder run` against `make -j2`
-of an equivalent Makefile, in the same run, from the same clean sources.
+"""The sum-of-squares build (N=200) four ways, in the same run, each from the
+same fresh sources: `make -j2`, `make -j2 CC="distcc cc"` against a distccd
+this script starts on 127.0.0.1 (2 jobs), `herder run` on the embedded farm
+(its own master and agent start and stop inside the figure, what a laptop
+user sees), and `herder run --master URL` against a farm already running (one
+master, one agent with 2 slots, herder.localfarm.LocalFarm).
 
-Both compile 200 funcI.c and programN.c, link, and run the program. herder is
-timed twice: embedded (its own master and agent start and stop inside the
-figure, what a laptop user sees) and against an already running farm.
+All compile N funcI.c and programN.c, link, and run the program (its output
+is checked). CPU is user+sys of the command and every descendant it waited
+for (RUSAGE_CHILDREN deltas); distcc adds distccd's CPU and --master adds the
+running farm's (psutil on their process trees). distcc must really compile on
+distccd: DISTCC_FALLBACK=0 (a failure to reach it fails the build) and its
+COMPILE_OK log lines are counted.
 
-    python bench/build.py [--n 200] [--slots 2]
+    python bench/build.py [--n 200] [--slots 2] [--reps 1]
+
+Targets: embedded <= 1.1x make and within 15% of distcc; --master <= 1.3x make.
+Without distcc (run `make bench` / scripts/ensure-bench-deps.sh) that row is
+skipped, and says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
+import statistics
 import sys
-import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from herder.localfarm import LocalFarm
+import _benchlib as bl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "sum-of-squares"))
-from generate import generate  # noqa: E402
+sys.path.insert(0, str(bl.ROOT / "examples" / "sum-of-squares"))
+from generate import generate
 
 
 def makefile(n: int) -> str:
     objs = " ".join(f"func{i}.o" for i in range(1, n + 1))
     return (
+        f"CC = cc\n"
         f"all: run\n"
         f"run: program{n}\n\t./program{n}\n"
-        f"program{n}: program{n}.o {objs}\n\tcc -o program{n} program{n}.o {objs}\n"
-        f"%.o: %.c\n\tcc -c $<\n"
+        f"program{n}: program{n}.o {objs}\n\t$(CC) -o program{n} program{n}.o {objs}\n"
+        f"%.o: %.c\n\t$(CC) -c $<\n"
         f".PHONY: all run\n"
     )
 
@@ -47,46 +56,164 @@ def fresh(n: int, base: Path, name: str) -> Path:
     return d
 
 
-def timed(argv: list[str], cwd: Path) -> tuple[float, str]:
-    env = dict(os.environ)
-    env.pop("HERDER_MASTER", None)
-    t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        log = cwd / ".herder" / "logs" / "master.log"
-        tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
-        sys.exit(f"{argv[:4]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}\n{tail}")
-    return elapsed, r.stdout
+@dataclass
+class Row:
+    label: str
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+    server_cpus: list[float] = field(default_factory=list)
+    note: str = ""
+    error: str = ""
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.walls) and not self.error
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--n", type=int, default=200, help="functions to compile (default 200)")
+    ap.add_argument("--slots", type=int, default=2, help="parallelism of every row (default 2)")
+    ap.add_argument("--reps", type=int, default=1, help="rounds, interleaved; median (default 1)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="limit per build, s (default 600)")
     args = ap.parse_args()
-    n = args.n
+    bl.setup_process()
+    n, slots = args.n, args.slots
     expected = str(sum(i * i for i in range(1, n + 1)))
-    herder = [sys.executable, "-m", "herder", "run", "--plain"]
-    with tempfile.TemporaryDirectory(prefix="herder-bench-build-") as tmp:
-        base = Path(tmp)
-        make_s, out = timed(["make", f"-j{args.slots}", "-s"], fresh(n, base, "make"))
-        assert expected in out, out[-500:]
-        emb_s, out = timed([*herder, "--slots", str(args.slots)], fresh(n, base, "embedded"))
-        assert expected in out, out[-500:]
-        with LocalFarm(workdir=base / "farm-state") as farm:
+
+    why = bl.herder_importable()
+    if why:
+        print(f"herder cannot start right now: {why}")
+        return 1
+    from herder.localfarm import LocalFarm
+
+    make = Row(f"make -j{slots}")
+    distcc = Row(f'make -j{slots} CC="distcc cc"')
+    emb = Row("herder run (embedded farm)")
+    farm_row = Row("herder run --master (running farm)")
+    distcc_missing = bl.Distccd.missing()
+    if distcc_missing:
+        distcc.error = f"SKIPPED: {distcc_missing}"
+    herder_run = bl.herder_cmd("run", "--plain")
+    remote = 0
+
+    def check(row: Row, r: bl.Run, d: Path) -> bool:
+        if r.ok and expected in r.stdout:
+            return True
+        row.error = f"FAILED: {r.failure()}\n{bl.herder_log_tail(d)}"
+        return False
+
+    with bl.tempdir("herder-bench-build-") as base:
+        dcc = bl.Distccd(jobs=slots) if not distcc_missing else None
+        farm = LocalFarm(workdir=base / "farm-state")
+        try:
+            if dcc is not None:
+                dcc.__enter__()
             farm.start_master()
-            farm.start_agent(slots=args.slots, name="bench")
+            farm.start_agent(slots=slots, name="bench")
             farm.wait_agents(1)
-            farm_s, out = timed([*herder, "--master", farm.url], fresh(n, base, "farm"))
-            assert expected in out, out[-500:]
-    print(f"sum-of-squares N={n}: {n + 2} compile/link actions + 1 local run, {args.slots} slots")
-    print(f"make -j{args.slots}:                 {make_s:7.3f} s")
-    print(f"herder run (running farm):  {farm_s:7.3f} s   ratio {farm_s / make_s:.2f}x make")
-    print(f"herder run (embedded farm): {emb_s:7.3f} s   ratio {emb_s / make_s:.2f}x make")
+            farm_pids = [p.pid for p in (farm.master, *farm.agents) if p is not None]
+            for pid in farm_pids:
+                bl.register_helper(pid)
+            for _ in range(max(1, args.reps)):
+                d = fresh(n, base, "make")
+                r = bl.run_measured(["make", f"-j{slots}", "-s"], d, timeout=args.timeout)
+                if check(make, r, d):
+                    make.walls.append(r.wall)
+                    make.cpus.append(r.cpu)
+
+                if dcc is not None and not distcc.error:
+                    d = fresh(n, base, "distcc")
+                    before, cpu0 = dcc.compiles(), dcc.cpu()
+                    r = bl.run_measured(
+                        ["make", f"-j{slots}", "-s", "CC=distcc cc"],
+                        d,
+                        env=dcc.env(),
+                        timeout=args.timeout,
+                    )
+                    server = dcc.cpu() - cpu0
+                    got = dcc.compiles() - before
+                    remote = got
+                    if check(distcc, r, d):
+                        if got != n + 1:
+                            distcc.error = f"FAILED: {got} of {n + 1} compiles ran on distccd"
+                        distcc.walls.append(r.wall)
+                        distcc.cpus.append(r.cpu + server)
+                        distcc.server_cpus.append(server)
+
+                d = fresh(n, base, "embedded")
+                r = bl.run_measured([*herder_run, "--slots", str(slots)], d, timeout=args.timeout)
+                if check(emb, r, d):
+                    emb.walls.append(r.wall)
+                    emb.cpus.append(r.cpu)
+
+                d = fresh(n, base, "farm")
+                cpu0 = sum(bl.tree_cpu(p) for p in farm_pids)
+                r = bl.run_measured([*herder_run, "--master", farm.url], d, timeout=args.timeout)
+                server = sum(bl.tree_cpu(p) for p in farm_pids) - cpu0
+                if check(farm_row, r, d):
+                    farm_row.walls.append(r.wall)
+                    farm_row.cpus.append(r.cpu + server)
+                    farm_row.server_cpus.append(server)
+        finally:
+            for p in (farm.master, *farm.agents):
+                if p is not None:
+                    bl.unregister_helper(p.pid)
+            farm.close(at_once=True)
+            if dcc is not None:
+                dcc.__exit__()
+
+    print(
+        f"sum-of-squares N={n}: {n + 1} compiles + 1 link + 1 local run, {slots} slots, "
+        f"{max(1, args.reps)} round(s) (median)"
+    )
+    print(f"{'':38s} {'wall':>9s}  {'x make':>6s}  {'CPU':>8s}")
+    for row in (make, distcc, emb, farm_row):
+        if not row.done:
+            print(f"{row.label:38s} {row.error.splitlines()[0] if row.error else 'no data'}")
+            continue
+        ratio = f"{row.wall / make.wall:5.2f}x" if make.done else "    - "
+        extra = ""
+        if row.server_cpus:
+            srv = statistics.median(row.server_cpus)
+            who = "distccd" if row is distcc else "farm"
+            extra = f"  (client {row.cpu - srv:.2f} s + {who} {srv:.2f} s)"
+        print(f"{row.label:38s} {row.wall:7.3f} s  {ratio}  {row.cpu:6.2f} s{extra}")
+        if len(row.walls) > 1:
+            print(f"{'':38s} rounds: {', '.join(f'{w:.2f}' for w in row.walls)} s")
+    if distcc.done:
+        print(
+            f"  distcc verified: {remote} of {n + 1} compiles ran on distccd 127.0.0.1 "
+            f"(COMPILE_OK lines in its log; DISTCC_FALLBACK=0); the link ran locally"
+        )
+    print("targets:")
+    if emb.done and make.done:
+        r = emb.wall / make.wall
+        print(f"  embedded <= 1.10x make:        {r:5.2f}x  {bl.verdict(r, 1.10)}")
+    if emb.done and distcc.done:
+        r = emb.wall / distcc.wall
+        print(f"  embedded within 15% of distcc: {r:5.2f}x  {bl.verdict(r, 1.15)}")
+    elif distcc_missing:
+        print("  embedded vs distcc: not measured (distcc missing)")
+    if farm_row.done and make.done:
+        r = farm_row.wall / make.wall
+        print(f"  --master <= 1.30x make:        {r:5.2f}x  {bl.verdict(r, 1.30)}")
+    print(bl.load_note())
+    errors = [row for row in (make, distcc, emb, farm_row) if row.error.startswith("FAILED")]
+    for row in errors:
+        print(f"\n{row.label} {row.error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

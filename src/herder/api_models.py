@@ -34,6 +34,13 @@ MasterStateName = Literal["up", "failed", "stopped"]
 INLINE_REQUIRE_MAX = 64 * 1024
 INLINE_OUTPUT_MAX = 256 * 1024
 INLINE_TOTAL_MAX = 1024 * 1024
+#: A submission may carry its small input files inline (each up to
+#: INLINE_REQUIRE_MAX, SUBMIT_INLINE_MAX in all) instead of a PUT each.
+SUBMIT_INLINE_MAX = 16 * 1024 * 1024
+#: A followed job's results carry logs up to FOLLOW_LOG_MAX characters per
+#: stream and outputs up to INLINE_OUTPUT_MAX each, FOLLOW_INLINE_MAX per page.
+FOLLOW_LOG_MAX = 64 * 1024
+FOLLOW_INLINE_MAX = 4 * 1024 * 1024
 
 
 def decode_inline(blobs: dict[str, str]) -> dict[str, bytes]:
@@ -52,11 +59,11 @@ def encode_inline(data: bytes) -> str:
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, defer_build=True)
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 def _check_relpath(value: str) -> str:
@@ -129,6 +136,34 @@ class JobSubmit(_In):
     priority: int = Field(default=0, ge=-1000, le=1000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     stages: list[StageSpec] = Field(min_length=1, max_length=10_000)
+    blobs: dict[Digest, str] = Field(
+        default_factory=dict,
+        description="small input files inline, sha256 → base64 (each at most 64 KiB, "
+        "16 MiB in all); stored as if uploaded, each checked against its digest",
+    )
+
+    @field_validator("blobs")
+    @classmethod
+    def _blobs_fit(cls, v: dict[str, str]) -> dict[str, str]:
+        decoded = decode_inline(v)
+        big = [d for d, b in decoded.items() if len(b) > INLINE_REQUIRE_MAX]
+        if big:
+            raise ValueError(
+                f"inline blob {big[0]} is larger than {INLINE_REQUIRE_MAX} bytes: upload it"
+            )
+        total = sum(len(b) for b in decoded.values())
+        if total > SUBMIT_INLINE_MAX:
+            raise ValueError(f"inline blobs total {total} bytes, more than {SUBMIT_INLINE_MAX}")
+        return v
+
+
+class JobSubmitted(_Out):
+    """The short answer to a submission (``POST /jobs?view=ids``): no task views."""
+
+    id: int
+    href: str
+    created: bool
+    task_ids: list[int] = Field(description="the job's task ids, in submission order")
 
 
 # ------------------------------------------------------------------- results
@@ -447,6 +482,48 @@ class EventView(_Out):
 
 class EventList(_Out):
     events: list[EventView]
+
+
+class TaskResultView(_Out):
+    """A task that reached a final state, with what a client collects of it."""
+
+    task_id: int
+    href: str
+    name: str | None
+    state: TaskStateName
+    exit_code: int | None = None
+    error: str | None = None
+    attempt_id: int | None = Field(default=None, description="its last attempt")
+    outputs: list[OutputFile] = Field(default_factory=list)
+    stdout: str | None = Field(
+        default=None, description="the whole stdout when at most 64 KiB, else null"
+    )
+    stderr: str | None = Field(
+        default=None, description="the whole stderr when at most 64 KiB, else null"
+    )
+    stdout_len: int = 0
+    stderr_len: int = 0
+    inline: dict[str, str] = Field(
+        default_factory=dict,
+        description="bytes of small outputs, sha256 → base64; fetch the others as blobs",
+    )
+
+
+class FollowView(_Out):
+    """One long-poll of ``GET /jobs/{id}/follow``: what happened after ``after``."""
+
+    job_id: int
+    state: JobStateName
+    next: int = Field(description="pass as `after` to the next call")
+    started: list[int] = Field(
+        default_factory=list, description="tasks offered or started since `after`"
+    )
+    results: list[TaskResultView] = Field(
+        default_factory=list, description="tasks that reached a final state since `after`"
+    )
+    events: list[EventView] | None = Field(
+        default=None, description="the events themselves, with `events=true`"
+    )
 
 
 # ------------------------------------------------------------ master directory

@@ -1,42 +1,58 @@
-"""`herder run`: drive a Rakefile build through a farm (DESIGN §3, §12).
+"""`herder run`: drive a Rakefile build through a farm (DESIGN §3, §10, §12).
 
 The client drives the actionsets in order, as the rake client of seeds/003
 does: each actionset's remote actions are submitted as one job (its required
 files exist by then, since earlier actionsets' outputs were written back, so
-their digests are known), its local actions run here in the working
-directory, all in parallel; when every action succeeded, the next actionset
-starts. The first failure stops the build.
+their digests are known; small ones ride inside the submission), its local
+actions run here in the working directory, all in parallel; when every action
+succeeded, the next actionset starts. The first failure stops the build.
+
+Remote results arrive through the job's follow stream (one long-poll that
+answers as soon as tasks finish, with their logs and small outputs inline):
+no polling interval and no request per action. ``client`` is a
+:class:`herder.client.HerderClient` (a farm over HTTP) or a
+:class:`herder.inprocess.InProcessClient` (the embedded farm); both return
+the same records.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import os
-import shutil
+import queue
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Any, Protocol
 
-from herder.api_models import JobSubmit, JobView, StageSpec, TaskSpec
-from herder.client import HerderClient
+from herder.api_models import INLINE_REQUIRE_MAX, SUBMIT_INLINE_MAX, JobSubmit, StageSpec, TaskSpec
+from herder.client.files import hash_files
 from herder.paths import resolve_inside
 from herder.rakefile import Action, Actionset, Rakefile
+from herder.records import FINAL_TASK_STATES, FollowPage, TaskResult
+from herder.reporting import PlainReporter, RichReporter
+
+__all__ = ["Build", "BuildError", "PlainReporter", "Reporter", "RichReporter"]
+
+FOLLOW_WAIT_S = 20.0
+MAX_REWINDS = 3
 
 
 class BuildError(Exception):
     """A build that cannot start or go on for a reason outside any action."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ActionRun:
     label: str
     action: Action
-    state: str = "queued"  # queued, running, succeeded, failed, cancelled
+    state: str = "queued"  # queued, running, fetching, succeeded, failed, cancelled
     started: float | None = None
     finished: float | None = None
     exit_code: int | None = None
@@ -57,10 +73,12 @@ class SetRun:
     actionset: Actionset
     actions: list[ActionRun] = field(default_factory=list)
     job_id: int | None = None
+    succeeded: int = 0  # counted as actions finish (a 100,000-action set is not rescanned)
+    failed: int = 0
 
     @property
     def done(self) -> int:
-        return sum(1 for a in self.actions if a.state == "succeeded")
+        return self.succeeded
 
 
 class Reporter(Protocol):
@@ -71,13 +89,34 @@ class Reporter(Protocol):
     def finish(self, sets: list[SetRun], ok: bool, elapsed: float) -> None: ...
 
 
+class BuildClient(Protocol):
+    """What a build needs of a client (HTTP or in-process)."""
+
+    def missing_blobs(self, digests: Any) -> list[str]: ...
+    def put_blob(self, digest: str, data: bytes) -> Any: ...
+    def submit_job_ids(self, spec: JobSubmit) -> Any: ...
+    def follow_job(
+        self,
+        job_id: int,
+        after: int = 0,
+        *,
+        wait_s: float = ...,
+        limit: int = ...,
+        events: bool = ...,
+    ) -> FollowPage: ...
+    def cancel_job(self, job_id: int) -> Any: ...
+    def read_full_log(self, attempt_id: int, stream: str = "stdout") -> str: ...
+    def download_blob(self, digest: str, dest: Path | str, *, mode: int | None = None) -> int: ...
+
+
 class LocalAction(threading.Thread):
     """A local action runs on this machine, in the working directory."""
 
-    def __init__(self, run: ActionRun, workdir: Path) -> None:
+    def __init__(self, run: ActionRun, workdir: Path, done: queue.SimpleQueue[Any]) -> None:
         super().__init__(daemon=True)
         self.run_ = run
         self.workdir = workdir
+        self.done = done
         self.proc: subprocess.Popen[bytes] | None = None
 
     def run(self) -> None:
@@ -103,36 +142,75 @@ class LocalAction(threading.Thread):
         except OSError as exc:
             r.state, r.error, r.exit_code = "failed", f"could not start: {exc}", 127
         r.finished = time.monotonic()
+        self.done.put(("local", self))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
+
+
+def _notify(inbox: queue.SimpleQueue[Any], a: ActionRun) -> Any:
+    def done(fut: Future[None]) -> None:
+        inbox.put(("fetched", (a, fut)))
+
+    return done
 
 
 def _exit_text(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
+class _Follower(threading.Thread):
+    """Follows one job's stream and puts each page on the build's queue."""
+
+    def __init__(
+        self, client: BuildClient, job_id: int, out: queue.SimpleQueue[Any], wait_s: float
+    ) -> None:
+        super().__init__(name=f"herder-follow-{job_id}", daemon=True)
+        self.client = client
+        self.job_id = job_id
+        self.out = out
+        self.wait_s = wait_s
+        self.after = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                page = self.client.follow_job(self.job_id, self.after, wait_s=self.wait_s)
+                moved = page.next > self.after
+                self.after = page.next
+                self.out.put(("page", page))
+                if page.state in FINAL_TASK_STATES and not moved:
+                    return  # over, and nothing more to read
+        except BaseException as exc:
+            self.out.put(("error", exc))
+
+
+def follower_after(follower: _Follower | None) -> int:
+    return -1 if follower is None else follower.after
+
+
 class Build:
     def __init__(
         self,
-        client: HerderClient,
+        client: BuildClient,
         rakefile: Rakefile,
         workdir: Path,
         reporter: Reporter,
         *,
         name: str = "build",
-        poll_s: float = 0.05,
+        follow_wait_s: float = FOLLOW_WAIT_S,
+        fetchers: int = 8,
     ) -> None:
         self.client = client
         self.rakefile = rakefile
         self.workdir = workdir
         self.reporter = reporter
         self.name = name
-        self.poll_s = poll_s
+        self.follow_wait_s = follow_wait_s
+        self.fetchers = fetchers
         self.build_id = uuid.uuid4().hex[:12]
         self.sets: list[SetRun] = []
 
@@ -151,254 +229,233 @@ class Build:
         self.reporter.finish(self.sets, ok, time.monotonic() - started)
         return ok
 
-    # ------------------------------------------------------------------
+    # ---------------------------------------------------------------- submit
 
-    def _submit(self, index: int, run: SetRun) -> JobView | None:
+    def _submit(self, index: int, run: SetRun) -> int | None:
         remote = [a for a in run.actions if a.action.remote]
         if not remote:
             return None
-        paths = sorted({p for a in remote for p in a.action.requires})
         for a in remote:
             for p in a.action.requires:
                 if not resolve_inside(self.workdir, p).is_file():
                     raise BuildError(
                         f"line {a.action.line}: required file {p!r} of {a.label} does not exist in {self.workdir}"
                     )
-        uploaded = self.client.upload_files(self.workdir, paths)
-        tasks = []
-        for a in remote:
-            tasks.append(
-                TaskSpec(
-                    name=a.label,
-                    command=a.action.command,
-                    requires=[
-                        {"path": p, "digest": uploaded[p][0], "mode": uploaded[p][2]}  # type: ignore[misc]
-                        for p in a.action.requires
-                    ],
-                )
+        paths = sorted({p for a in remote for p in a.action.requires})
+        hashed, where = hash_files(self.workdir, paths)
+        blobs = self._ship(where)
+        tasks = [
+            TaskSpec(
+                name=a.label,
+                command=a.action.command,
+                requires=[
+                    {"path": p, "digest": hashed[p][0], "mode": hashed[p][2]}  # type: ignore[misc]
+                    for p in a.action.requires
+                ],
             )
+            for a in remote
+        ]
         spec = JobSubmit(
             name=f"{self.name}: {run.actionset.name}",
             idempotency_key=f"run-{self.build_id}-{index}",
             stages=[StageSpec(name=run.actionset.name, tasks=tasks)],
+            blobs=blobs,
         )
-        job = self.client.submit_job(spec)
-        run.job_id = job.id
-        by_label = {t.name: t for t in job.stages[0].tasks}
-        for a in remote:
-            a.task_id = by_label[a.label].id
-        return job
+        sub = self.client.submit_job_ids(spec)
+        run.job_id = sub.id
+        for a, tid in zip(remote, sub.task_ids, strict=True):
+            a.task_id = tid
+        return int(sub.id)
+
+    def _ship(self, where: dict[str, Path]) -> dict[str, str]:
+        """Files the farm lacks: small ones inline in the submission, big ones uploaded."""
+        if not where:
+            return {}
+        inline: dict[str, str] = {}
+        total = 0
+        for digest in self.client.missing_blobs(list(where)):
+            data = where[digest].read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise BuildError(f"{where[digest]} changed while it was being sent")
+            if len(data) <= INLINE_REQUIRE_MAX and total + len(data) <= SUBMIT_INLINE_MAX:
+                inline[digest] = base64.b64encode(data).decode("ascii")
+                total += len(data)
+            else:
+                self.client.put_blob(digest, data)
+        return inline
+
+    # ------------------------------------------------------------------ run
 
     def _run_set(self, index: int, run: SetRun) -> bool:
-        job = self._submit(index, run)
-        locals_ = [LocalAction(a, self.workdir) for a in run.actions if not a.action.remote]
+        job_id = self._submit(index, run)
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        locals_ = [LocalAction(a, self.workdir, inbox) for a in run.actions if not a.action.remote]
         for t in locals_:
             t.start()
             self.reporter.action_started(run, t.run_)
         remote = {a.task_id: a for a in run.actions if a.action.remote}
-        pending_local = set(locals_)
-        fetching: dict[Future[None], ActionRun] = {}
-        after = 0
+        pending = len(run.actions)
+        follower = None
+        if job_id is not None:
+            follower = _Follower(self.client, job_id, inbox, self.follow_wait_s)
+            follower.start()
+        fetching: set[Future[None]] = set()
         failed = False
-        # Outputs and logs of finished tasks are fetched in parallel, so one
-        # slow download does not hold up noticing the next task's end.
-        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch") as pool:
-            while True:
-                for t in list(pending_local):
-                    if not t.is_alive():
-                        pending_local.discard(t)
-                        self.reporter.action_finished(run, t.run_)
-                        failed |= t.run_.state != "succeeded"
-                if job is not None:
-                    # Follow the job through its event log: each poll costs
-                    # only what changed, not the whole job's view.
-                    while True:
-                        events = self.client.job_events(job.id, after=after)
-                        for ev in events:
-                            after = ev.id
-                            a = remote.get(ev.task_id)
-                            if a is None or a.state not in ("queued", "running"):
-                                continue
-                            if ev.to_state in ("offered", "running") and a.state == "queued":
+        refreshed = 0.0
+        rewinds = 0
+        with ThreadPoolExecutor(max_workers=self.fetchers, thread_name_prefix="fetch") as pool:
+            try:
+                while pending and not failed:
+                    kind, item = inbox.get()
+                    if kind == "error":
+                        raise item
+                    if kind == "local":
+                        pending -= 1
+                        failed |= not self._finished(run, item.run_)
+                    elif kind == "fetched":
+                        a, fut = item
+                        fetching.discard(fut)
+                        fut.result()
+                        pending -= 1
+                        failed |= not self._finished(run, a)
+                    elif kind == "page":
+                        page: FollowPage = item
+                        for tid in page.started:
+                            a = remote.get(tid)
+                            if a is not None and a.state == "queued":
                                 a.state, a.started = "running", time.monotonic()
                                 self.reporter.action_started(run, a)
-                            elif ev.to_state in _TERMINAL:
+                        for res in page.results:
+                            a = remote.get(res.task_id)
+                            if a is None or a.state not in ("queued", "running"):
+                                continue
+                            if self._collect(a, res):
+                                pending -= 1
+                                failed |= not self._finished(run, a)
+                            else:
                                 a.state = "fetching"
-                                fetching[pool.submit(self._fetch_remote, a)] = a
-                        if len(events) < 1000:
-                            break
-                for fut in [f for f in fetching if f.done()]:
-                    a = fetching.pop(fut)
-                    fut.result()
-                    self.reporter.action_finished(run, a)
-                    failed |= a.state != "succeeded"
-                remote_done = all(a.state in _TERMINAL for a in remote.values())
-                if failed or (not pending_local and remote_done):
-                    break
-                self.reporter.refresh(self.sets)
-                time.sleep(self.poll_s)
+                                fut = pool.submit(self._fetch, a, res)
+                                fetching.add(fut)
+                                fut.add_done_callback(_notify(inbox, a))
+                        if page.state in FINAL_TASK_STATES and job_id is not None:
+                            waiting = [
+                                a for a in remote.values() if a.state in ("queued", "running")
+                            ]
+                            if waiting and not failed and page.next == follower_after(follower):
+                                # The job is over but some results never came: an event
+                                # committed out of id order (PostgreSQL) was skipped.
+                                # Read the stream again from the start, a few times at most.
+                                rewinds += 1
+                                if rewinds > MAX_REWINDS:
+                                    raise BuildError(
+                                        f"job {job_id} is {page.state} but never reported "
+                                        f"{waiting[0].label} (and {len(waiting) - 1} more)"
+                                    )
+                                if follower is not None:
+                                    follower.stop.set()
+                                follower = _Follower(self.client, job_id, inbox, self.follow_wait_s)
+                                follower.start()
+                    now = time.monotonic()
+                    # Refresh before blocking (nothing more queued), else at most every 0.1 s.
+                    if inbox.empty() or now - refreshed >= 0.1:
+                        refreshed = now
+                        self.reporter.refresh(self.sets)
+            finally:
+                if follower is not None:
+                    follower.stop.set()
             if failed:
-                # No later actionset starts; stop what still runs of this one.
-                if job is not None:
-                    try:
-                        self.client.cancel_job(job.id)
-                    except Exception:  # the failure report matters more than the cancel
-                        pass
-                for t in pending_local:
-                    t.kill()
-                    t.join(5)
-                for fut in list(fetching):
-                    a = fetching.pop(fut)
-                    fut.result()
-                    self.reporter.action_finished(run, a)
-                for a in run.actions:
-                    if a.state in ("queued", "running"):
-                        a.state = "cancelled"
+                self._stop_set(run, job_id, locals_, fetching)
                 return False
         return True
 
-    def _fetch_remote(self, a: ActionRun) -> None:
-        assert a.task_id is not None
-        task = self.client.get_task(a.task_id)
+    def _finished(self, run: SetRun, a: ActionRun) -> bool:
+        ok = a.state == "succeeded"
+        if ok:
+            run.succeeded += 1
+        else:
+            run.failed += 1
+        self.reporter.action_finished(run, a)
+        return ok
+
+    def _stop_set(
+        self,
+        run: SetRun,
+        job_id: int | None,
+        locals_: list[LocalAction],
+        fetching: set[Future[None]],
+    ) -> None:
+        """No later actionset starts; stop what still runs of this one."""
+        if job_id is not None:
+            try:
+                self.client.cancel_job(job_id)
+            except Exception:  # the failure report matters more than the cancel
+                pass
+        for t in locals_:
+            if t.is_alive():
+                t.kill()
+                t.join(5)
+        for fut in list(fetching):
+            with contextlib.suppress(Exception):
+                fut.result()
+        for a in run.actions:
+            if a.state in ("queued", "running", "fetching"):
+                a.state = "cancelled"
+
+    # -------------------------------------------------------------- results
+
+    def _collect(self, a: ActionRun, res: TaskResult) -> bool:
+        """Take what the follow stream carried; True when nothing is left to fetch."""
         a.finished = time.monotonic()
         if a.started is None:
             a.started = a.finished
-        a.exit_code = task.exit_code
-        a.error = task.error
-        if task.attempts:
-            attempt = task.attempts[-1]
-            # The task is final, so its logs are: an empty one needs no request.
-            if attempt.stdout_len:
-                a.stdout = self.client.read_full_log(attempt.id, "stdout")
-            if attempt.stderr_len:
-                a.stderr = self.client.read_full_log(attempt.id, "stderr")
-            if task.state == "succeeded":
-                for out in attempt.outputs:
-                    dest = resolve_inside(self.workdir, out.path)
+        a.exit_code = res.exit_code
+        a.error = res.error
+        if res.stdout is None or res.stderr is None:
+            return False
+        if res.state == "succeeded" and any(o.digest not in res.blobs for o in res.outputs):
+            return False
+        a.stdout, a.stderr = res.stdout, res.stderr
+        if res.state == "succeeded":
+            for o in res.outputs:
+                self._write(o.path, res.blobs[o.digest], o.mode)
+        a.state = res.state
+        return True
+
+    def _fetch(self, a: ActionRun, res: TaskResult) -> None:
+        if res.attempt_id is not None:
+            a.stdout = (
+                res.stdout
+                if res.stdout is not None
+                else self.client.read_full_log(res.attempt_id, "stdout")
+            )
+            a.stderr = (
+                res.stderr
+                if res.stderr is not None
+                else self.client.read_full_log(res.attempt_id, "stderr")
+            )
+        if res.state == "succeeded":
+            for o in res.outputs:
+                data = res.blobs.get(o.digest)
+                if data is not None:
+                    self._write(o.path, data, o.mode)
+                else:
+                    dest = resolve_inside(self.workdir, o.path)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    self.client.download_blob(out.digest, dest)
-                    os.chmod(dest, out.mode)
+                    self.client.download_blob(o.digest, dest, mode=o.mode)
         # Set last: the action counts as finished only once its files are here.
-        a.state = task.state
+        a.state = res.state
 
-
-_TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-# ---------------------------------------------------------------- reporting
-
-
-class PlainReporter:
-    """Line output for logs and pipes: one line per event."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.out: TextIO = stream or sys.stdout
-
-    def _p(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
-
-    def start_set(self, run: SetRun) -> None:
-        self._p(f"== {run.actionset.name}: {len(run.actions)} action(s)")
-
-    def action_started(self, run: SetRun, action: ActionRun) -> None:
-        pass
-
-    def action_finished(self, run: SetRun, a: ActionRun) -> None:
-        where = "remote" if a.action.remote else "local"
-        for stream, text in (("stdout", a.stdout), ("stderr", a.stderr)):
-            for line in text.splitlines():
-                self._p(f"[{a.label} {stream}] {line}")
-        status = "ok" if a.state == "succeeded" else f"FAILED ({a.error or a.state})"
-        self._p(
-            f"-- {a.label} ({where}) `{a.action.command}` {status} in {a.elapsed:.2f}s "
-            f"[{run.done}/{len(run.actions)}]"
-        )
-
-    def refresh(self, sets: list[SetRun]) -> None:
-        pass
-
-    def finish(self, sets: list[SetRun], ok: bool, elapsed: float) -> None:
-        total = sum(len(s.actions) for s in sets)
-        done = sum(s.done for s in sets)
-        if ok:
-            self._p(
-                f"build succeeded: {done} action(s) in {len(sets)} actionset(s), {elapsed:.2f}s"
-            )
-            return
-        for s in sets:
-            for a in s.actions:
-                if a.state == "failed":
-                    self._p(
-                        f"build FAILED: action {a.label} `{a.action.command}` (line {a.action.line}): "
-                        f"{a.error or 'failed'}"
-                    )
-                    if a.stderr.strip():
-                        self._p(f"stderr of {a.label}:")
-                        for line in a.stderr.rstrip().splitlines():
-                            self._p(f"  {line}")
-        self._p(f"build FAILED after {elapsed:.2f}s ({done}/{total} actions succeeded)")
-
-
-class RichReporter(PlainReporter):
-    """Live progress on a terminal: per actionset done/total, running actions, failures."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        self.console = Console()
-        super().__init__(None)
-        self.live = Live(console=self.console, refresh_per_second=8, transient=True)
-        self.live.start()
-        self._sets: list[SetRun] = []
-
-    def _p(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
-
-    def start_set(self, run: SetRun) -> None:
-        self._sets.append(run)
-        super().start_set(run)
-        self.refresh(self._sets)
-
-    def refresh(self, sets: list[SetRun]) -> None:
-        from rich.table import Table
-
-        table = Table.grid(padding=(0, 2))
-        for s in sets:
-            failed = sum(1 for a in s.actions if a.state == "failed")
-            table.add_row(
-                f"[bold]{s.actionset.name}[/bold]",
-                f"{s.done}/{len(s.actions)} done"
-                + (f", [red]{failed} failed[/red]" if failed else ""),
-            )
-            for a in s.actions:
-                if a.state == "running":
-                    table.add_row(f"  {a.label}", f"{a.elapsed:5.1f}s  {a.action.command}")
-        self.live.update(table)
-
-    def finish(self, sets: list[SetRun], ok: bool, elapsed: float) -> None:
-        self.live.stop()
-        super().finish(sets, ok, elapsed)
-
-
-def embedded_farm(slots: int, state_dir: Path) -> tuple[object, str]:
-    """Start a master on SQLite and one local agent; return (farm, url).
-
-    The database lives in ``state_dir`` (``.herder/`` of the working
-    directory) and outlives the run, so ``herder status`` and ``herder logs``
-    there can inspect the build afterwards.
-    """
-    from herder.localfarm import LocalFarm
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    # The master's and agent's logs of the last run stay next to the database,
-    # so "see the master's log" after a farm error points at a file that exists.
-    logs = state_dir / "logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    farm = LocalFarm(
-        db_url=f"sqlite:///{state_dir / 'herder.db'}", workdir=logs, lease_s=30, ack_timeout_s=30
-    )
-    farm.start_master()
-    farm.start_agent(slots=slots, name="local", state_dir=state_dir / "agent")
-    farm.wait_agents(1)
-    return farm, farm.url
+    def _write(self, relpath: str, data: bytes, mode: int) -> None:
+        dest = resolve_inside(self.workdir, relpath)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, mode)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise

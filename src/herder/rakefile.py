@@ -99,7 +99,7 @@ class Host:
         return f"{name}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     command: str
     """The command to run: for a remote action, without the ``remote-`` prefix."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -146,3 +147,30 @@ def test_upgrade_0002_to_head_keeps_agents(db_url: str) -> None:
     finally:
         store.close()
     assert _diff(db_url) == []
+
+
+def test_head_revision_constant_names_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    from herder.store import engine as store_engine
+
+    script = ScriptDirectory.from_config(store_engine.alembic_config())
+    assert script.get_current_head() == store_engine.HEAD_REVISION == HEAD
+
+
+def test_a_current_store_opens_without_running_alembic(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store.open(db_url).close()  # migrated to head
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("alembic ran on a store that is already at head")
+
+    import alembic.command
+
+    monkeypatch.setattr(alembic.command, "upgrade", refuse)
+    store = Store.open(db_url)
+    try:
+        assert store.list_jobs() == []
+    finally:
+        store.close()

@@ -684,3 +684,88 @@ def test_concurrent_claims_never_share_a_task(db_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+# ---------------------------------------------------------------- hot path
+
+
+def test_submit_returns_ids_in_order_and_is_idempotent(store: Store) -> None:
+    spec = job(tasks(3), tasks(2, tags=["linux", "gpu"]), idempotency_key="k-submit")
+    sub = store.submit(spec)
+    assert sub.created and len(sub.task_ids) == 5
+    assert sub.task_ids == sorted(sub.task_ids)
+    view = store.get_job(sub.id)
+    assert [t.id for st in view.stages for t in st.tasks] == sub.task_ids
+    assert [t.state for st in view.stages for t in st.tasks] == ["queued"] * 3 + ["blocked"] * 2
+    assert view.stages[1].tasks[0].tags == ["gpu", "linux"]
+    again = store.submit(spec)
+    assert (again.id, again.created, again.task_ids) == (sub.id, False, sub.task_ids)
+
+
+def test_batch_that_finishes_a_stage_queues_and_offers_the_next(store: Store) -> None:
+    """Completions of one claim that finish stage 0 queue stage 1 before the offer."""
+    a = agent(store, slots=4)
+    j = store.submit(job(tasks(2), tasks(2)))
+    first = store.claim(a, 4)
+    assert len(first.offers) == 2
+    out = store.claim(a, 4, completions=[ok(o) for o in first.offers])
+    assert [r.result for r in out.results] == ["accepted", "accepted"]
+    assert out.woke
+    assert sorted(o.task_id for o in out.offers) == j.task_ids[2:]
+    kinds = [(e.kind, e.task_id) for e in store.list_events(job_id=j.id)]
+    t0, t1, t2, t3 = j.task_ids
+    assert kinds[-6:] == [
+        ("task.succeed", t0),
+        ("task.succeed", t1),
+        ("task.unblock", t2),
+        ("task.unblock", t3),
+        ("task.offer", t2),
+        ("task.offer", t3),
+    ]
+    done = store.claim(a, 4, completions=[ok(o) for o in out.offers])
+    assert [r.result for r in done.results] == ["accepted", "accepted"]
+    assert store.get_job(j.id).state == "succeeded"
+
+
+def test_mixed_batch_keeps_completion_order(store: Store) -> None:
+    """Successes and failures in one claim: applied in order, duplicates stale."""
+    a = agent(store, slots=4)
+    j = store.submit(job(tasks(3, max_attempts=2), tasks(1)))
+    offers = store.claim(a, 3).offers
+    batch = [ok(offers[0]), fail(offers[1]), ok(offers[2]), ok(offers[0])]
+    out = store.claim(a, 0, completions=batch)
+    assert [(r.result, r.task_state) for r in out.results] == [
+        ("accepted", "succeeded"),
+        ("accepted", "queued"),
+        ("accepted", "succeeded"),
+        ("stale", None),
+    ]
+    kinds = [(e.kind, e.task_id) for e in store.list_events(job_id=j.id)][-3:]
+    assert kinds == [
+        ("task.succeed", offers[0].task_id),
+        ("task.fail_retry", offers[1].task_id),
+        ("task.succeed", offers[2].task_id),
+    ]
+    assert store.get_job(j.id).stages[1].tasks[0].state == "blocked"
+    retry = store.claim(a, 3).offers
+    assert [o.task_id for o in retry] == [offers[1].task_id]
+    nxt = store.claim(a, 3, completions=[ok(retry[0])])
+    assert [o.task_id for o in nxt.offers] == j.task_ids[3:]
+
+
+def test_autonomous_heartbeat_requeues_its_offers_past_the_ack_deadline(db_url: str) -> None:
+    s = Store.open(db_url, migrate=True, ack_timeout_s=5)
+    try:
+        a = agent(s)
+        j = s.submit(job(tasks(1)))
+        (o,) = s.claim(a, 1).offers
+        s.heartbeat(a, Heartbeat(running=[], mode="autonomous"))
+        assert s.get_task(o.task_id).state == "offered"  # not yet past its deadline
+        s.advance_clock(6)
+        s.heartbeat(a, Heartbeat(running=[], mode="master"))
+        assert s.get_task(o.task_id).state == "offered"  # a master's reaper does it
+        s.heartbeat(a, Heartbeat(running=[], mode="autonomous"))
+        assert s.get_task(o.task_id).state == "queued"
+        assert [e.kind for e in s.list_events(job_id=j.id)][-1] == "task.offer_expired"
+    finally:
+        s.close()

@@ -179,7 +179,9 @@ def test_wake_from_another_master_cuts_pickup_latency(
     # (1 s ticker: 0.5 s on average); with it, in a few tens of milliseconds.
     assert statistics.median(pickups) < 0.25, pickups
     assert max(pickups) < 0.6, pickups
-    assert _metric(b.url, "herder_wakes_sent_total") >= 8
+    # Most pickups came through a wake. Not every one needs it: a claim the
+    # agent had in flight on A when B queued the job takes it directly.
+    assert _metric(b.url, "herder_wakes_sent_total") >= 4
     assert _metric(b.url, "herder_wake_failures_total") == 0
 
 

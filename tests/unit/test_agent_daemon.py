@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from herder.agent.daemon import Agent, AgentConfig, Backoff
+from herder.agent.executor import Executor
 from herder.agent.journal import Journal, JournalEntry
 from herder.api_models import (
     INLINE_OUTPUT_MAX,
@@ -44,8 +45,9 @@ class _ClaimResponse(ClaimResponse):
 class FakeMaster:
     """Just enough of HerderClient; checks the agent never over-claims."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, window: int = 0) -> None:
         self.slots = slots
+        self.window = window  # offers the agent may claim ahead beyond its slots
         self.lock = threading.Condition()
         self.queue: list[dict[str, Any]] = []
         self.next_attempt = 100
@@ -68,6 +70,8 @@ class FakeMaster:
         self.down = False  # every call raises NoMasterAvailable
         self.drain = False  # heartbeats and claims answer drain=True
         self.offers: dict[int, Offer] = {}
+        self.requeue_released = False  # a released offer's task goes back to the queue
+        self.released: list[Completion] = []  # (with requeue_released)
 
     # -- test helpers
     def add(self, command: str | list[str], **kw: Any) -> None:
@@ -135,6 +139,12 @@ class FakeMaster:
             results = []
             for c in req.completions:
                 self.outstanding.discard(c.attempt_id)
+                if c.outcome == "released" and self.requeue_released:
+                    o = self.offers[c.attempt_id]
+                    self.released.append(c)
+                    self.queue.append({"command": o.command, "timeout_s": o.timeout_s})
+                    results.append(CompletionResult(attempt_id=c.attempt_id, result="accepted"))
+                    continue
                 stale = c.attempt_id in self.stale_ids or c.attempt_id in self.completions
                 if not stale:
                     self.completions[c.attempt_id] = c
@@ -148,7 +158,7 @@ class FakeMaster:
                     )
                 )
             self.acks.extend(req.acks)
-            if len(self.outstanding) + self.in_flight + req.max_tasks > self.slots:
+            if len(self.outstanding) + self.in_flight + req.max_tasks > self.slots + self.window:
                 self.violations.append(
                     f"outstanding={len(self.outstanding)} in_flight={self.in_flight} ask={req.max_tasks}"
                 )
@@ -242,6 +252,30 @@ class Running:
         return self.rc
 
 
+class CountingExecutor(Executor):
+    """Counts commands running at once (never more than the agent's slots)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.now = 0
+        self.max_running = 0
+        self.spawned = 0
+        self._count_lock = threading.Lock()
+
+    def _register(self, ex: Any) -> None:
+        with self._count_lock:
+            self.now += 1
+            self.spawned += 1
+            self.max_running = max(self.max_running, self.now)
+        super()._register(ex)
+
+    def _unregister(self, ex: Any) -> None:
+        with self._count_lock:
+            if ex.attempt_id in self._running:
+                self.now -= 1
+        super()._unregister(ex)
+
+
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeMaster, Running]]]:
     running: list[Running] = []
@@ -250,7 +284,11 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeMaster, Running]]]
         slots: int = 2, master: FakeMaster | None = None, **kw: Any
     ) -> tuple[FakeMaster, Running]:
         fake = master or FakeMaster(slots)
-        agent = Agent(make_config(tmp_path, slots=slots, **kw), client=fake)
+        cfg = make_config(tmp_path, slots=slots, **kw)
+        assert cfg.work_root is not None
+        executor = CountingExecutor(cfg.work_root, cfg.state_dir / "blobs", fake.download_blob)
+        agent = Agent(cfg, client=fake, executor=executor)
+        fake.window = agent.config.claim_ahead or 0
         r = Running(agent)
         running.append(r)
         return fake, r
@@ -308,7 +346,106 @@ def test_slots_never_overclaimed_under_load(
     fake.wait_for(lambda: len(fake.completions) == 30)
     run.stop()
     assert fake.violations == []
-    assert max(c.max_tasks for c in fake.claims) <= 3
+    assert max(c.max_tasks for c in fake.claims) <= 3 + fake.window
+    executor = run.agent.executor
+    assert isinstance(executor, CountingExecutor)
+    assert executor.max_running <= 3 and executor.spawned == 30
+
+
+# ---------------------------------------------------------- claim-ahead window
+
+
+def test_claim_ahead_window_grows_with_short_tasks(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=2, claim_ahead=6)
+    fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 1)
+    assert fake.claims[0].max_tasks == 2  # no window before the agent has seen a task
+    for _ in range(40):
+        fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 41)
+    status = run.agent.talkback_status()
+    run.stop()
+    assert status["window"] > 0
+    assert max(c.max_tasks for c in fake.claims) > 2  # it claimed ahead
+    assert max(c.max_tasks for c in fake.claims) <= 2 + 6
+    assert fake.violations == []
+    executor = run.agent.executor
+    assert isinstance(executor, CountingExecutor)
+    assert executor.max_running <= 2  # never more commands than slots at once
+    assert executor.spawned == 41
+    assert all(c.outcome == "exited" for c in fake.completions.values())
+
+
+def test_claim_ahead_window_shrinks_to_zero_with_long_tasks(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake = FakeMaster(2)
+    fake.requeue_released = True
+    fake, run = start(slots=2, master=fake, claim_ahead=6, claim_ahead_short_s=0.2)
+    for _ in range(10):
+        fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 10)
+    assert run.agent.talkback_status()["window"] > 0
+    for _ in range(8):
+        fake.add("sleep 0.5")
+    # The offers claimed ahead behind two long tasks go back once the window closes.
+    fake.wait_for(lambda: len(fake.released) > 0)
+    assert run.agent.talkback_status()["window"] == 0
+    n_claims = len(fake.claims)
+    fake.wait_for(lambda: len(fake.completions) == 18, timeout=20)
+    run.stop()
+    assert {c.error for c in fake.released} == {"claim-ahead window closed (tasks are long)"}
+    assert all(req.max_tasks <= 2 for req in fake.claims[n_claims:])  # no more hoarding
+    assert fake.violations == []
+    executor = run.agent.executor
+    assert isinstance(executor, CountingExecutor)
+    assert executor.max_running <= 2
+    assert executor.spawned == 18  # a released offer never ran
+
+
+def test_claim_ahead_offers_handed_back_on_stop(
+    start: Callable[..., tuple[FakeMaster, Running]],
+) -> None:
+    fake, run = start(slots=1, claim_ahead=8, claim_ahead_short_s=5.0)
+    for _ in range(3):
+        fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 3)
+    fake.add("sleep 0.8")
+    for _ in range(10):
+        fake.add("true")
+    fake.wait_for(lambda: run.agent.talkback_status()["ready"] > 0)
+    fake.wait_for(lambda: any(c.max_tasks > 1 for c in fake.claims))
+    # Claimed-ahead offers are held like running ones: listed in heartbeats.
+    held = set(run.agent.running_attempts())
+    fake.wait_for(
+        lambda: any(held <= {r.attempt_id for r in hb.running} for hb in fake.heartbeats[-3:])
+    )
+    assert run.stop() == 0
+    outcomes = [c.outcome for c in fake.completions.values()]
+    assert "released" in outcomes
+    # nothing lost, nothing doubled: every offer came back exactly once
+    assert set(fake.completions) == set(fake.offers) and fake.outstanding == set()
+    assert all(
+        c.error == "agent shutting down"
+        for c in fake.completions.values()
+        if c.outcome == "released"
+    )
+    assert fake.violations == []
+    executor = run.agent.executor
+    assert isinstance(executor, CountingExecutor)
+    assert executor.max_running <= 1
+
+
+def test_claim_ahead_off(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+    fake, run = start(slots=2, claim_ahead=0)
+    for _ in range(20):
+        fake.add("true")
+    fake.wait_for(lambda: len(fake.completions) == 20)
+    run.stop()
+    assert max(c.max_tasks for c in fake.claims) <= 2
+    assert fake.violations == []
 
 
 def test_long_task_is_acked_and_logs_stream(

@@ -278,3 +278,67 @@ def test_cleanup_read_only_dirs(executor: Executor) -> None:
     assert res.exit_code == 0
     ex.cleanup()
     assert not ex.sandbox.exists()
+
+
+# ------------------------------------------------------- speed (DESIGN §10)
+
+
+def test_delivered_empty_sandbox_is_recycled(executor: Executor) -> None:
+    ex1, res1 = executor.run(spec("echo first"))
+    assert res1.outcome == "exited" and log_text(ex1)["stdout"] == "first\n"
+    assert ex1.work_empty
+    ex1.cleanup(background=True)
+    assert not ex1.sandbox.exists() and len(executor._spares) == 1
+    ex2, res2 = executor.run(spec(["sh", "-c", "echo -n second >&2; pwd"]))
+    assert executor._spares == []  # the spare was taken
+    assert (res2.outcome, res2.exit_code) == ("exited", 0)
+    # the logs of the earlier attempt are gone; the new attempt has its own path
+    assert log_text(ex2) == {"stdout": f"{ex2.work_dir}\n", "stderr": "second"}
+    assert ex2.sandbox.name == f"a{ex2.attempt_id}"
+    ex2.cleanup(background=True)
+    executor.drop_spares()
+    assert executor.cleaner.flush(5)
+    assert list(executor.work_root.iterdir()) == []
+
+
+def test_sandboxes_with_files_or_changed_modes_are_not_recycled(executor: Executor) -> None:
+    for command in ("touch left-behind", "chmod 500 .", "mkdir d"):
+        ex, res = executor.run(spec(command))
+        assert res.outcome == "exited", command
+        ex.cleanup(background=True)
+        assert executor._spares == [], command
+    ex, res = executor.run(spec("true", outputs=["never"]))
+    assert res.error == "never: declared output was not produced"
+    assert executor.cleaner.flush(5)
+    executor.drop_spares()
+
+
+def test_purge_stale_removes_spares(executor: Executor) -> None:
+    (executor.work_root / ".spare-9" / "work").mkdir(parents=True)
+    executor.purge_stale()
+    assert list(executor.work_root.iterdir()) == []
+
+
+def test_clone_file_copies_bytes(tmp_path: Path) -> None:
+    from herder.agent.executor import clone_file
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(300_000))
+    how = clone_file(src, tmp_path / "dst")
+    assert how in ("reflink", "copy_file_range", "copy")
+    assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    clone_file(empty, tmp_path / "dst2")
+    assert (tmp_path / "dst2").read_bytes() == b""
+
+
+def test_staging_with_another_mode_copies(executor: Executor) -> None:
+    data = b"#!/bin/sh\necho run\n"
+    r = req(executor.blobs, "tool.sh", data, mode=0o755)
+    ex, res = executor.run(spec("./tool.sh", requires=[r]))
+    assert (res.outcome, res.exit_code) == ("exited", 0) and log_text(ex)["stdout"] == "run\n"
+    staged = ex.work_dir / "tool.sh"
+    assert staged.read_bytes() == data and os.stat(staged).st_mode & 0o777 == 0o755
+    assert os.stat(staged).st_ino != os.stat(executor.blobs.path(r.digest)).st_ino
+    ex.cleanup()

@@ -9,7 +9,9 @@ Layout of one sandbox::
 
 Inputs come from a local content-addressed cache
 (``<blob_dir>/<digest[:2]>/<digest>``) and are hard-linked into ``work/``
-when possible (copied otherwise). A ``fetch_blob(digest, dest)`` callback
+when possible (else reflinked or copied in the kernel: ``clone_file``).
+A delivered sandbox whose ``work/`` stayed empty is recycled (renamed to
+``.spare-N``, logs truncated on reuse) instead of removed and made anew. A ``fetch_blob(digest, dest)`` callback
 fills the cache on a miss; the daemon passes the client's ``download_blob``.
 
 The command runs in its own session, so timeouts and cancellation kill the
@@ -18,27 +20,33 @@ whole process group, background children included.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import hashlib
+import functools
 import logging
 import os
-import queue
 import shutil
 import signal
 import stat
 import subprocess
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from herder.agent import procs
-from herder.agent.outputs import Snapshot, collect, sha256_file, snapshot
+from herder.agent.files import (
+    BlobCache,
+    FetchBlob,
+    LogTail,
+    SandboxCleaner,
+    StagingError,
+    clone_file,
+    rmtree_sandbox,
+)
+from herder.agent.outputs import Snapshot, collect, snapshot
 from herder.api_models import LogChunk, Outcome, OutputFile, RequiredFile
 from herder.paths import UnsafePath, resolve_inside
 
@@ -47,10 +55,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("herder.agent")
 
-FetchBlob = Callable[[str, Path], None]
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 SANDBOX_PREFIX = "a"
+WHICH_TTL_S = 5.0  # how long a resolved program path is trusted
+SPARE_PREFIX = ".spare-"  # a recycled sandbox waiting for its next attempt
 
 # Characters that make a command string need a shell (GNU make's list:
 # quoting, globbing, redirection, expansion, control operators, newlines).
@@ -61,10 +70,6 @@ elif else esac eval exec exit export fc fg fi for function getopts hash if in jo
 logout popd pushd read readonly return select set shift shopt source suspend then time times
 trap type typeset ulimit umask unalias unset until wait while"""
 _SHELL_WORDS = frozenset(_SHELL_WORDS_TEXT.split())
-
-
-class StagingError(Exception):
-    """The sandbox could not be prepared (infrastructure: disk, blob download, unsafe path)."""
 
 
 def direct_argv(command: str) -> list[str] | None:
@@ -86,100 +91,6 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
-
-
-# ----------------------------------------------------------------- blob cache
-
-
-class BlobCache:
-    """A directory of blobs named by sha256, filled on demand by ``fetch``."""
-
-    def __init__(self, root: Path, fetch: FetchBlob | None = None) -> None:
-        self.root = Path(root)
-        self.fetch = fetch
-
-    def path(self, digest: str) -> Path:
-        return self.root / digest[:2] / digest
-
-    def ensure(self, digest: str) -> Path:
-        """The cached file for ``digest``, downloading and verifying it if absent."""
-        dest = self.path(digest)
-        if dest.exists():
-            return dest
-        if self.fetch is None:
-            raise StagingError(f"blob {digest} is not cached and no fetcher is configured")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{digest}.{uuid.uuid4().hex}.part"
-        try:
-            self.fetch(digest, tmp)
-            got = sha256_file(tmp)
-            if got != digest:
-                raise StagingError(f"blob {digest} downloaded with wrong digest {got}")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except StagingError:
-            raise
-        except Exception as exc:
-            raise StagingError(f"cannot fetch blob {digest}: {exc}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return dest
-
-    def add_verified(self, digest: str, data: bytes) -> bool:
-        """Cache ``data`` under ``digest`` if it hashes to it (bytes that came inline)."""
-        if hashlib.sha256(data).hexdigest() != digest:
-            return False
-        self._put(digest, data)
-        return True
-
-    def add_bytes(self, data: bytes) -> str:
-        """Store ``data``; return its digest (used by tests and direct mode)."""
-        digest = hashlib.sha256(data).hexdigest()
-        self._put(digest, data)
-        return digest
-
-    def _put(self, digest: str, data: bytes) -> None:
-        """Write bytes already known to hash to ``digest``, atomically, if absent."""
-        dest = self.path(digest)
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.parent / f".{digest}.{uuid.uuid4().hex}.part"
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-
-
-# ------------------------------------------------------------------ log tails
-
-
-class LogTail:
-    """Reads what a log file gained since the last read, as text.
-
-    One incremental UTF-8 decoder per stream keeps a multi-byte character that
-    straddles two reads whole; invalid bytes become U+FFFD.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def read(self, limit: int, final: bool = False) -> tuple[str, bool]:
-        """(new text, more bytes remain). ``final`` flushes the decoder at EOF."""
-        data = b""
-        try:
-            if os.stat(self.path).st_size > self.offset:  # the common case: nothing new
-                with open(self.path, "rb") as fh:
-                    fh.seek(self.offset)
-                    data = fh.read(limit + 1)
-        except FileNotFoundError:
-            pass
-        more = len(data) > limit
-        data = data[:limit]
-        self.offset += len(data)
-        text = self._decoder.decode(data, final=final and not more)
-        return text, more
 
 
 # ------------------------------------------------------------------ execution
@@ -234,13 +145,14 @@ class Execution:
     def __init__(self, executor: Executor, spec: ExecSpec) -> None:
         self.executor = executor
         self.spec = spec
-        self.sandbox = executor.work_root / f"{SANDBOX_PREFIX}{spec.attempt_id}"
-        self.work_dir = self.sandbox / "work"
-        self.log_paths: dict[Stream, Path] = {s: self.sandbox / s for s in STREAMS}
+        # Paths as strings on the hot path; Path objects only when asked for.
+        self._name = f"{SANDBOX_PREFIX}{spec.attempt_id}"
+        self._sandbox_s = os.path.join(executor._work_root_s, self._name)
+        self._work_s = os.path.join(self._sandbox_s, "work")
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid: int | None = None
         self.result: ExecResult | None = None
-        self._tails = {s: LogTail(p) for s, p in self.log_paths.items()}
+        self._tails = {s: LogTail(os.path.join(self._sandbox_s, s)) for s in STREAMS}
         self._log_fds: dict[Stream, int] = {}  # opened by prepare(), handed to the child
         self.log_lock = threading.Lock()  # one reader of the log tails at a time
         self._lock = threading.RLock()
@@ -250,8 +162,21 @@ class Execution:
         self._linked: dict[str, Path] = {}  # staged by hard link: relpath -> cache path
         self._t0 = 0.0
         self._spawned_at = 0.0
+        self.work_empty: bool | None = None  # known after the outputs were collected
 
     # -- public -------------------------------------------------------------
+
+    @functools.cached_property
+    def sandbox(self) -> Path:
+        return Path(self._sandbox_s)
+
+    @functools.cached_property
+    def work_dir(self) -> Path:
+        return Path(self._work_s)
+
+    @functools.cached_property
+    def log_paths(self) -> dict[Stream, Path]:
+        return {s: Path(self._sandbox_s, s) for s in STREAMS}
 
     @property
     def attempt_id(self) -> int:
@@ -279,12 +204,14 @@ class Execution:
         """
         if not self._t0:
             self._t0 = time.monotonic()
-        sandbox = str(self.sandbox)
+        sandbox = self._sandbox_s
+        if self._prepare_spare(sandbox):
+            return
         try:
             try:
                 os.mkdir(sandbox, 0o755)
             except FileExistsError:
-                _rmtree(self.sandbox)
+                rmtree_sandbox(self.sandbox)
                 os.makedirs(sandbox, 0o755)
             except FileNotFoundError:
                 os.makedirs(sandbox, 0o755)
@@ -304,6 +231,34 @@ class Execution:
         except OSError as exc:
             self._close_log_fds()
             raise StagingError(f"cannot prepare sandbox {self.sandbox}: {exc}") from exc
+
+    def _prepare_spare(self, sandbox: str) -> bool:
+        """Take a recycled sandbox (empty ``work/``, log files) when one is spare.
+
+        Renaming it and truncating its logs costs a fraction of creating and
+        removing a sandbox (DESIGN §10). Only attempts without inputs use one;
+        on any surprise it is removed and the caller makes a fresh sandbox.
+        """
+        if self.spec.requires:
+            return False
+        spare = self.executor._take_spare()
+        if spare is None:
+            return False
+        flags = os.O_WRONLY | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            os.rename(spare, sandbox)  # fails if the attempt's sandbox exists: fresh path
+            for s in STREAMS:
+                self._log_fds[s] = os.open(os.path.join(sandbox, s), flags)
+        except OSError:
+            self._close_log_fds()
+            with contextlib.suppress(OSError):
+                if os.path.lexists(spare):
+                    rmtree_sandbox(Path(spare))
+                else:
+                    rmtree_sandbox(self.sandbox)
+            return False
+        self._snapshot = {}
+        return True
 
     def _close_log_fds(self) -> None:
         fds, self._log_fds = self._log_fds, {}
@@ -418,9 +373,10 @@ class Execution:
         """
         self._close_log_fds()
         if background:
-            self.executor.cleaner.put(self.sandbox)
+            if not self.executor._recycle(self):
+                self.executor.cleaner.put(self.sandbox)
         else:
-            _rmtree(self.sandbox)
+            rmtree_sandbox(self.sandbox)
 
     # -- internals ----------------------------------------------------------
 
@@ -441,21 +397,25 @@ class Execution:
             except OSError:
                 pass
         if not linked:
-            shutil.copyfile(src, dest)
+            clone_file(src, dest)
             os.chmod(dest, 0o644 if mode is None else mode)
         else:
             self._linked[req.path] = src
 
-    def _env(self) -> dict[str, str]:
-        env = dict(self.executor.base_env)
-        env.update(self.spec.env)
-        env["HERDER_ATTEMPT_ID"] = str(self.spec.attempt_id)
+    def _env(self) -> dict[bytes, bytes]:
+        """The child's environment, as bytes (the base part is encoded once per executor)."""
+        fs = os.fsencode
+        env = dict(self.executor._base_env_b)
+        for k, v in self.spec.env.items():
+            env[fs(k)] = fs(v)
+        env[b"HERDER_ATTEMPT_ID"] = b"%d" % self.spec.attempt_id
         if self.spec.task_id is not None:
-            env["HERDER_TASK_ID"] = str(self.spec.task_id)
+            env[b"HERDER_TASK_ID"] = b"%d" % self.spec.task_id
         if self.spec.job_id is not None:
-            env["HERDER_JOB_ID"] = str(self.spec.job_id)
-        env["HERDER_JOB_ROOT"] = str(self.work_dir)
-        env["PWD"] = str(self.work_dir)
+            env[b"HERDER_JOB_ID"] = b"%d" % self.spec.job_id
+        work = fs(self._work_s)
+        env[b"HERDER_JOB_ROOT"] = work
+        env[b"PWD"] = work
         return env
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -472,12 +432,14 @@ class Execution:
                 if st not in self._log_fds:
                     self._log_fds[st] = os.open(self.log_paths[st], flags, 0o644)
         out, err = self._log_fds["stdout"], self._log_fds["stderr"]
-        cwd = str(self.work_dir)
+        cwd = self._work_s
 
-        def popen(argv: list[str]) -> subprocess.Popen[bytes]:
-            # close_fds and start_new_session cost nothing measurable next to fork/exec.
+        def popen(argv: list[str], executable: str | None = None) -> subprocess.Popen[bytes]:
+            # close_fds and start_new_session cost nothing measurable next to fork/exec
+            # (vfork, close_range); an absolute ``executable`` spares the PATH walk.
             return subprocess.Popen(
                 argv,
+                executable=executable,
                 cwd=cwd,
                 env=env,
                 stdin=self.executor.devnull,
@@ -491,6 +453,13 @@ class Execution:
             assert isinstance(cmd, str)
             return popen([self.executor.shell, "-c", cmd])
         try:
+            path = self.spec.env.get("PATH", self.executor.base_env.get("PATH"))
+            resolved = self.executor._which(direct[0], path)
+            if resolved is not None:
+                try:
+                    return popen(direct, resolved)
+                except OSError:  # gone or changed since it was cached: search again
+                    self.executor._which_forget(direct[0], path)
             return popen(direct)
         except FileNotFoundError:
             raise _CommandNotRunnable(127, f"{direct[0]}: command not found") from None
@@ -510,12 +479,21 @@ class Execution:
             procs.signal_group(self.pgid, signal.SIGTERM)
 
     def _collect(self, res: ExecResult) -> None:
+        if not self._snapshot:
+            # No inputs: an empty work dir after the command means no outputs
+            # (one getdents instead of a walk), and the sandbox can be recycled.
+            try:
+                self.work_empty = not os.listdir(self._work_s)
+            except OSError:
+                self.work_empty = False
+            if self.work_empty and self.spec.outputs is None:
+                return
         try:
             got = collect(
                 self.work_dir,
                 self._snapshot,
                 self.spec.outputs,
-                root_real=os.path.join(self.executor.work_root_real, self.sandbox.name, "work"),
+                root_real=os.path.join(self.executor.work_root_real, self._name, "work"),
             )
         except OSError as exc:
             res.error = _join(res.error, f"cannot collect outputs: {exc}")
@@ -572,69 +550,6 @@ def _join(a: str | None, b: str) -> str:
     return b if not a else f"{a}; {b}"
 
 
-def _rmtree(path: Path) -> None:
-    def onerror(func: Callable[..., object], p: str, _exc: object) -> None:
-        # a read-only directory left by the command: make it writable, retry once
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                func(p)
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=onerror)
-
-
-class SandboxCleaner:
-    """Removes sandboxes on a background thread, off the tasks' critical path.
-
-    Started on first use; :meth:`flush` waits until everything queued is gone.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pending = 0
-        self._idle = threading.Condition(self._lock)
-
-    def put(self, path: Path) -> None:
-        with self._lock:
-            self._pending += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="herder-cleaner", daemon=True
-                )
-                self._thread.start()
-        self._queue.put(path)
-
-    def _run(self) -> None:
-        while True:
-            path = self._queue.get()
-            if path is None:
-                return
-            try:
-                _rmtree(path)
-            except OSError as exc:
-                log.warning("event=cleanup_failed path=%s error=%r", path, str(exc))
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self._idle.notify_all()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the queue is empty; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-
 class Executor:
     """Creates executions under ``work_root``; shared blob cache; tracks running groups."""
 
@@ -648,23 +563,59 @@ class Executor:
         kill_grace_s: float = 2.0,
         shell: str = "/bin/sh",
         subreaper: bool = True,
+        max_spares: int = 32,
     ) -> None:
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.work_root_real = os.path.realpath(self.work_root)
+        self._work_root_s = str(self.work_root)
         # one /dev/null for every child's stdin (Popen would open and close one per spawn)
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         weakref.finalize(self, os.close, self.devnull)
         self.cleaner = SandboxCleaner()
         self.blobs = BlobCache(Path(blob_dir), fetch_blob)
         self.base_env = dict(os.environ if base_env is None else base_env)
+        # encoded once: Popen would encode every variable of every task's environment
+        self._base_env_b = {os.fsencode(k): os.fsencode(v) for k, v in self.base_env.items()}
+        self._which_cache: dict[tuple[str, str | None], tuple[str, float]] = {}
         self.kill_grace_s = kill_grace_s
         self.shell = shell
         self._running: dict[int, Execution] = {}
         self._n_spawning = 0
         self._lock = threading.Lock()
+        self._spares: list[str] = []  # recycled sandboxes (empty work/, two log files)
+        self._spare_seq = 0
+        self.max_spares = max_spares
         if subreaper:
             procs.become_subreaper()
+
+    def _which(self, name: str, path: str | None) -> str | None:
+        """``name``'s absolute path on ``path`` (cached a few seconds), or None: let exec search.
+
+        Only bare names and absolute PATH entries (relative ones depend on
+        the child's cwd).
+        """
+        if "/" in name:
+            return None
+        key = (name, path)
+        now = time.monotonic()
+        hit = self._which_cache.get(key)
+        if hit is not None and now - hit[1] < WHICH_TTL_S:
+            return hit[0]
+        search = os.defpath if path is None else path
+        if any(not d.startswith("/") for d in search.split(os.pathsep)):
+            return None
+        found = shutil.which(name, path=search)
+        if found is None:
+            self._which_cache.pop(key, None)
+            return None
+        if len(self._which_cache) > 1024:
+            self._which_cache.clear()
+        self._which_cache[key] = (found, now)
+        return found
+
+    def _which_forget(self, name: str, path: str | None) -> None:
+        self._which_cache.pop((name, path), None)
 
     def execution(self, spec: ExecSpec) -> Execution:
         return Execution(self, spec)
@@ -676,18 +627,61 @@ class Executor:
     def sandbox_path(self, attempt_id: int) -> Path:
         return self.work_root / f"{SANDBOX_PREFIX}{attempt_id}"
 
+    # -- spare sandboxes (recycled, DESIGN §10) --------------------------------
+
+    def _take_spare(self) -> str | None:
+        with self._lock:
+            return self._spares.pop() if self._spares else None
+
+    def _recycle(self, ex: Execution) -> bool:
+        """Keep ``ex``'s delivered sandbox for a later attempt; False: remove it instead.
+
+        Only a sandbox whose ``work/`` is known empty (no inputs, no files left)
+        and still ``rwxr-xr-x``, whose group is gone, and while the pool has room.
+        """
+        if not ex.work_empty or ex.result is None or ex.running:
+            return False
+        with self._lock:
+            if len(self._spares) >= self.max_spares:
+                return False
+            self._spare_seq += 1
+            spare = os.path.join(self._work_root_s, f"{SPARE_PREFIX}{self._spare_seq}")
+        try:
+            st = os.lstat(ex._work_s)
+            if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o755:
+                return False
+            os.rename(ex._sandbox_s, spare)
+        except OSError:
+            return False
+        with self._lock:
+            self._spares.append(spare)
+        return True
+
+    def drop_spares(self) -> None:
+        """Remove the recycled sandboxes (the agent stops)."""
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            self.cleaner.put(Path(spare))
+
     def purge_stale(self, keep: Collection[int] = ()) -> int:
         """Remove sandboxes left by an earlier agent process, except ``keep``. Returns how many."""
         n = 0
         for entry in self.work_root.iterdir():
             name = entry.name
+            if name.startswith(SPARE_PREFIX):
+                with self._lock:
+                    if str(entry) in self._spares:
+                        continue
+                rmtree_sandbox(entry)
+                continue
             if name.startswith(SANDBOX_PREFIX) and name[1:].isdigit() and entry.is_dir():
                 if int(name[1:]) in keep:
                     continue
                 with self._lock:
                     if int(name[1:]) in self._running:
                         continue
-                _rmtree(entry)
+                rmtree_sandbox(entry)
                 n += 1
         return n
 
@@ -716,3 +710,22 @@ class Executor:
     def _unregister(self, ex: Execution) -> None:
         with self._lock:
             self._running.pop(ex.attempt_id, None)
+
+
+__all__ = [
+    "SANDBOX_PREFIX",
+    "SPARE_PREFIX",
+    "STREAMS",
+    "BlobCache",
+    "ExecResult",
+    "ExecSpec",
+    "Execution",
+    "Executor",
+    "FetchBlob",
+    "LogTail",
+    "SandboxCleaner",
+    "StagingError",
+    "clone_file",
+    "direct_argv",
+    "rmtree_sandbox",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -19,3 +20,28 @@ def sha256_file(path: Path | str) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hash_files(
+    root: Path, relpaths: Iterable[str]
+) -> tuple[dict[str, tuple[str, int, int]], dict[str, Path]]:
+    """Hash files under ``root``: ``({relpath: (digest, size, mode)}, {digest: path})``.
+
+    Each path is a key as given and in its normalized form (``./src/a.c`` and
+    ``src/a.c``). Paths that would leave ``root`` raise
+    :class:`herder.paths.UnsafePath`.
+    """
+    from herder.paths import normalize_relpath, resolve_inside
+
+    result: dict[str, tuple[str, int, int]] = {}
+    where: dict[str, Path] = {}
+    for rel in relpaths:
+        norm = normalize_relpath(rel)
+        if norm not in result:
+            path = resolve_inside(root, norm)
+            st = path.stat()
+            digest = sha256_file(path)
+            result[norm] = (digest, st.st_size, st.st_mode & 0o7777)
+            where.setdefault(digest, path)
+        result[rel] = result[norm]
+    return result, where

@@ -77,8 +77,8 @@ class _Server(uvicorn.Server):
         app = self.app
         app.state.stopping = True
         # Signal handlers run on the loop's thread under uvicorn; wake every
-        # long-poll so in-flight claims answer and graceful shutdown is quick.
-        app.state.notifier.notify()
+        # long-poll so in-flight claims and follows answer and shutdown is quick.
+        app.state.service.stop()
         super().handle_exit(sig, frame)
 
 

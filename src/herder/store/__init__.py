@@ -3,6 +3,6 @@
 All SQL of the farm lives in this package (docs/architecture.md, "Store interface").
 """
 
-from herder.store.store import ClaimOutcome, Store
+from herder.store.store import ClaimOutcome, Store, SubmittedJob
 
-__all__ = ["ClaimOutcome", "Store"]
+__all__ = ["ClaimOutcome", "Store", "SubmittedJob"]

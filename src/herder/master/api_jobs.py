@@ -1,0 +1,215 @@
+"""Routes of jobs, tasks, events, the follow stream, logs and blobs (DESIGN §4, §10)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import Response
+
+from herder.api_models import (
+    BlobMissing,
+    BlobQuery,
+    BlobStored,
+    EventList,
+    FollowView,
+    JobList,
+    JobSubmit,
+    JobSubmitted,
+    JobView,
+    LogView,
+    OutputFile,
+    TaskResultView,
+    TaskView,
+    encode_inline,
+)
+from herder.master.context import (
+    ERRORS,
+    ApiContext,
+    body_doc,
+    error_response,
+    json_response,
+    parse_body,
+)
+from herder.records import FollowPage
+
+DigestPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
+FOLLOW_WAIT_MAX_S = 60.0
+
+
+def follow_view(page: FollowPage) -> FollowView:
+    """A store record of a follow page as its wire model."""
+    results = [
+        TaskResultView.model_construct(
+            task_id=r.task_id,
+            href=f"/api/v1/tasks/{r.task_id}",
+            name=r.name,
+            state=r.state,
+            exit_code=r.exit_code,
+            error=r.error,
+            attempt_id=r.attempt_id,
+            outputs=[
+                OutputFile.model_construct(path=o.path, digest=o.digest, size=o.size, mode=o.mode)
+                for o in r.outputs
+            ],
+            stdout=r.stdout,
+            stderr=r.stderr,
+            stdout_len=r.stdout_len,
+            stderr_len=r.stderr_len,
+            inline={d: encode_inline(b) for d, b in r.blobs.items()},
+        )
+        for r in page.results
+    ]
+    return FollowView.model_construct(
+        job_id=page.job_id,
+        state=page.state,
+        next=page.next,
+        started=page.started,
+        results=results,
+        events=page.events,
+    )
+
+
+def register(app: FastAPI, ctx: ApiContext) -> None:
+    service = ctx.service
+    store = service.store
+    cfg = ctx.cfg
+
+    @app.post(
+        "/api/v1/jobs",
+        response_model=JobView,
+        status_code=201,
+        responses={**ERRORS, 200: {"model": JobSubmitted}},
+        openapi_extra=body_doc(JobSubmit),
+    )
+    async def submit_job(
+        request: Request,
+        view: Annotated[
+            Literal["full", "ids"],
+            Query(description="ids: answer a JobSubmitted (no task views) instead of a JobView"),
+        ] = "full",
+    ) -> Response:
+        """Submit a job; 201 new, 200 when its idempotency key is known (the same job)."""
+        spec = await parse_body(request, JobSubmit)
+        if view == "ids":
+            sub = await ctx.call(service.submit, spec)
+            out = JobSubmitted(
+                id=sub.id, href=f"/api/v1/jobs/{sub.id}", created=sub.created, task_ids=sub.task_ids
+            )
+            return json_response(out, 201 if sub.created else 200)
+        job, created = await ctx.call(service.submit_view, spec)
+        return json_response(job, 201 if created else 200)
+
+    @app.get("/api/v1/jobs", response_model=JobList, responses=ERRORS)
+    async def list_jobs(
+        state: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+        | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> Response:
+        jobs = await ctx.call(store.list_jobs, state=state, limit=limit)
+        return json_response(JobList(jobs=jobs))
+
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS)
+    async def get_job(job_id: int) -> Response:
+        return json_response(await ctx.call(store.get_job, job_id))
+
+    @app.post("/api/v1/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS)
+    async def cancel_job(job_id: int) -> Response:
+        return json_response(await ctx.call(service.cancel_job, job_id, "cancelled by user"))
+
+    @app.get("/api/v1/jobs/{job_id}/events", response_model=EventList, responses=ERRORS)
+    async def job_events(
+        job_id: int,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> Response:
+        events = await ctx.call(
+            store.list_events, job_id=job_id, after_id=after, limit=limit, job_must_exist=True
+        )
+        return json_response(EventList(events=events))
+
+    @app.get("/api/v1/jobs/{job_id}/follow", response_model=FollowView, responses=ERRORS)
+    async def follow_job(
+        job_id: int,
+        after: Annotated[int, Query(ge=0, description="the `next` of the previous answer")] = 0,
+        wait_s: Annotated[
+            float, Query(ge=0, le=FOLLOW_WAIT_MAX_S, description="long-poll up to this long")
+        ] = 20.0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        events: Annotated[bool, Query(description="include the events themselves")] = False,
+    ) -> Response:
+        """Follow a job: tasks offered, and tasks finished with their results, since `after`.
+
+        Answers as soon as anything happened after `after` (or the job is
+        over, or `wait_s` passed). A finished task comes with its exit status,
+        error, its logs when short, its output manifest and the bytes of its
+        small outputs (`inline`), so a client collects a build with no
+        request per task. Pass `next` back as `after`.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            gen = service.changed.generation
+            page = await ctx.call(service.follow, job_id, after, limit, events)
+            remaining = deadline - time.monotonic()
+            if page.moved(after) or remaining <= 0 or ctx.state.stopping:
+                return json_response(follow_view(page))
+            await service.changed.wait_async(gen, min(remaining, cfg.recheck_interval_s))
+
+    @app.get("/api/v1/events", response_model=EventList, responses=ERRORS)
+    async def list_events(
+        job_id: int | None = None,
+        task_id: int | None = None,
+        after: Annotated[int, Query(ge=0, description="events with a larger id")] = 0,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> Response:
+        """Every recorded transition (task, from, to, reason, attempt, agent, time), by id."""
+        events = await ctx.call(
+            store.list_events, job_id=job_id, task_id=task_id, after_id=after, limit=limit
+        )
+        return json_response(EventList(events=events))
+
+    @app.get("/api/v1/tasks/{task_id}", response_model=TaskView, responses=ERRORS)
+    async def get_task(task_id: int) -> Response:
+        return json_response(await ctx.call(store.get_task, task_id))
+
+    @app.get("/api/v1/attempts/{attempt_id}/log", response_model=LogView, responses=ERRORS)
+    async def read_log(
+        attempt_id: int,
+        stream: Literal["stdout", "stderr"] = "stdout",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=16 << 20)] = 1 << 20,
+    ) -> Response:
+        return json_response(await ctx.call(store.read_log, attempt_id, stream, offset, limit))
+
+    # ----------------------------------------------------------------- blobs
+
+    @app.post(
+        "/api/v1/blobs/missing",
+        response_model=BlobMissing,
+        responses=ERRORS,
+        openapi_extra=body_doc(BlobQuery),
+    )
+    async def missing_blobs(request: Request) -> Response:
+        body = await parse_body(request, BlobQuery)
+        return json_response(BlobMissing(missing=await ctx.call(store.missing_blobs, body.digests)))
+
+    @app.put("/api/v1/blobs/{digest}", response_model=BlobStored, status_code=201, responses=ERRORS)
+    async def put_blob(digest: DigestPath, request: Request) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_blob_bytes:
+            return error_response(413, "too_large", f"blob larger than {cfg.max_blob_bytes} bytes")
+        data = await request.body()
+        size, created = await ctx.call(store.put_blob, digest, data)
+        stored = BlobStored(
+            digest=digest, size=size, href=f"/api/v1/blobs/{digest}", created=created
+        )
+        return json_response(stored, 201 if created else 200)
+
+    @app.get(
+        "/api/v1/blobs/{digest}",
+        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    )
+    async def get_blob(digest: DigestPath) -> Response:
+        data = await ctx.call(store.get_blob, digest)
+        return Response(data, media_type="application/octet-stream")

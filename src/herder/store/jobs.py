@@ -1,0 +1,405 @@
+"""Jobs: submission, reads, cancellation, job transitions and stage bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from herder.api_models import (
+    JobSubmit,
+    JobSummary,
+    JobView,
+    TaskView,
+)
+from herder.core.states import (
+    JOB_SOURCES,
+    JOB_TERMINAL,
+    TASK_SOURCES,
+    JobEvent,
+    JobState,
+    TaskEvent,
+    TaskState,
+    next_job_state,
+    task_target,
+)
+from herder.errors import NotFound
+from herder.store import views
+from herder.store.common import (
+    _ACTIVE,
+    _ACTIVE_ATTEMPT_SQL,
+    SubmittedJob,
+)
+from herder.store.schema import (
+    attempts,
+    jobs,
+    stages,
+    tasks,
+)
+from herder.store.sql import _TASK_COLUMNS
+from herder.store.tx import StoreBase, _Tx
+
+T = TypeVar("T")
+
+
+class JobsMixin(StoreBase):
+    """Part of :class:`herder.store.Store`: jobs and their stages."""
+
+    def submit(self, spec: JobSubmit) -> SubmittedJob:
+        """Insert a job with its stages and tasks; the same idempotency key yields the same job.
+
+        Builds no views: ``SubmittedJob(id, created, task_ids)``, task ids in
+        submission order (a job of 100,000 tasks costs its rows, not its models).
+        """
+        key = spec.idempotency_key
+
+        def existing(conn: Connection) -> int | None:
+            found = conn.execute(sa.select(jobs.c.id).where(jobs.c.idempotency_key == key)).scalar()
+            return None if found is None else int(found)
+
+        def tx(t: _Tx) -> SubmittedJob:
+            if key is not None:
+                job_id = existing(t.conn)
+                if job_id is not None:
+                    return SubmittedJob(job_id, False, self._task_ids(t.cur, job_id))
+            job_id, ids = self._insert_job(t, spec)
+            return SubmittedJob(job_id, True, ids)
+
+        try:
+            return self._write(tx)
+        except IntegrityError:
+            if key is None:
+                raise
+            # A concurrent submission with the same key won the race: return its job.
+            found = self._read(existing)
+            if found is None:
+                raise
+            ids = self._read(
+                lambda c: self._task_ids(c.connection.driver_connection.cursor(), found)  # type: ignore[union-attr]
+            )
+            return SubmittedJob(found, False, ids)
+
+    def submit_job(self, spec: JobSubmit) -> tuple[JobView, bool]:
+        """``submit``, answered with the job's view: ``(job, created)``."""
+        sub = self.submit(spec)
+        return self.get_job(sub.id), sub.created
+
+    def _task_ids(self, cur: Any, job_id: int) -> list[int]:
+        return [int(r[0]) for r in cur.execute(self._sql.task_ids, (job_id,)).fetchall()]
+
+    def _alloc_task_ids(self, t: _Tx, n: int) -> list[int]:
+        """``n`` new task ids, ascending (submission order is id order)."""
+        if self._is_pg:
+            return sorted(int(r[0]) for r in t.cur.execute(self._sql.alloc_task_ids, (n,)))
+        # SQLite: the writer holds the database's write lock (BEGIN IMMEDIATE), and a
+        # rowid table without AUTOINCREMENT numbers new rows max(id) + 1, … as well.
+        top = int(t.cur.execute(self._sql.alloc_task_ids).fetchone()[0])
+        return list(range(top + 1, top + 1 + n))
+
+    def _insert_job(self, t: _Tx, spec: JobSubmit) -> tuple[int, list[int]]:
+        conn, now = t.conn, t.now
+        job_id = conn.execute(
+            sa.insert(jobs)
+            .values(
+                name=spec.name,
+                owner=spec.owner,
+                pool=spec.pool,
+                priority=spec.priority,
+                state=JobState.QUEUED.value,
+                idempotency_key=spec.idempotency_key,
+                stage_count=len(spec.stages),
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(jobs.c.id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(stages),
+            [
+                {
+                    "job_id": job_id,
+                    "position": i,
+                    "name": s.name,
+                    "task_count": len(s.tasks),
+                    "remaining": len(s.tasks),
+                }
+                for i, s in enumerate(spec.stages)
+            ],
+        )
+        n = sum(len(s.tasks) for s in spec.stages)
+        ids = self._alloc_task_ids(t, n)
+        js = self._sql.js
+        at = t.at
+        prio = spec.priority
+        rows: list[tuple[Any, ...]] = []
+        tag_rows: list[tuple[int, str]] = []
+        it = iter(ids)
+        for i, s in enumerate(spec.stages):
+            state = TaskState.QUEUED.value if i == 0 else TaskState.BLOCKED.value
+            for ts in s.tasks:
+                tid = next(it)
+                tags = sorted(set(ts.tags)) if ts.tags else []
+                for tag in tags:
+                    tag_rows.append((tid, tag))
+                rows.append(
+                    (
+                        tid,
+                        job_id,
+                        i,
+                        prio,
+                        ts.name,
+                        state,
+                        js(ts.command),
+                        ts.placement,
+                        js([r.model_dump(mode="json") for r in ts.requires])
+                        if ts.requires
+                        else "[]",
+                        "null" if ts.outputs is None else js(ts.outputs),
+                        js(ts.env) if ts.env else "{}",
+                        js(tags) if tags else "[]",
+                        ts.timeout_s,
+                        ts.max_attempts,
+                        ts.cpus,
+                        ts.ram_mb,
+                        0,
+                        0,
+                        0,
+                        at,
+                        at,
+                    )
+                )
+        if self._is_pg:  # COPY: the cheapest bulk insert (no per-row statement)
+            with t.cur.copy(f"COPY tasks ({_TASK_COLUMNS}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            if tag_rows:
+                with t.cur.copy("COPY task_tags (task_id, tag) FROM STDIN") as copy:
+                    for tag_row in tag_rows:
+                        copy.write_row(tag_row)
+        else:
+            t.cur.executemany(self._sql.insert_tasks, rows)
+            if tag_rows:
+                t.cur.executemany(self._sql.insert_task_tags, tag_rows)
+        t.event(
+            "job.submit",
+            job_id=job_id,
+            to_state=JobState.QUEUED.value,
+            reason=f"{len(ids)} tasks in {len(spec.stages)} stages",
+        )
+        return int(job_id), ids
+
+    def get_job(self, job_id: int, *, include_tasks: bool = True) -> JobView:
+        def q(conn: Connection) -> JobView:
+            job = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            stage_rows = conn.execute(
+                sa.select(stages).where(stages.c.job_id == job_id).order_by(stages.c.position)
+            ).all()
+            counts: dict[int, dict[str, int]] = {}
+            for stage, state, n in conn.execute(
+                sa.select(tasks.c.stage, tasks.c.state, sa.func.count())
+                .where(tasks.c.job_id == job_id)
+                .group_by(tasks.c.stage, tasks.c.state)
+            ):
+                counts.setdefault(stage, {})[state] = n
+            task_rows: Sequence[Any] = ()
+            by_task: dict[int, list[Any]] = {}
+            if include_tasks:
+                task_rows = conn.execute(
+                    sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.id)
+                ).all()
+                for a in conn.execute(
+                    sa.select(attempts)
+                    .join(tasks, tasks.c.id == attempts.c.task_id)
+                    .where(tasks.c.job_id == job_id)
+                    .order_by(attempts.c.task_id, attempts.c.number)
+                ):
+                    by_task.setdefault(a.task_id, []).append(a)
+            return views.job_view(job, stage_rows, task_rows, by_task, counts, include_tasks)
+
+        return self._read(q)
+
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[JobSummary]:
+        def q(conn: Connection) -> list[JobSummary]:
+            stmt = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+            if state is not None:
+                stmt = stmt.where(jobs.c.state == state)
+            rows = conn.execute(stmt).all()
+            counts: dict[int, dict[str, int]] = {}
+            if rows:
+                for jid, st, n in conn.execute(
+                    sa.select(tasks.c.job_id, tasks.c.state, sa.func.count())
+                    .where(tasks.c.job_id.in_([r.id for r in rows]))
+                    .group_by(tasks.c.job_id, tasks.c.state)
+                ):
+                    counts.setdefault(jid, {})[st] = n
+            return [views.job_summary(r, counts.get(r.id, {})) for r in rows]
+
+        return self._read(q)
+
+    def cancel_job(self, job_id: int, reason: str = "cancelled by user") -> JobView:
+        def tx(t: _Tx) -> None:
+            state = t.conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if state is None:
+                raise NotFound(f"job {job_id} not found")
+            if state in JOB_TERMINAL:
+                return
+            self._job_transition(t, job_id, JobEvent.CANCEL, reason)
+            self._cancel_tasks(t, tasks.c.job_id == job_id, TASK_SOURCES[TaskEvent.CANCEL], reason)
+
+        self._write(tx)
+        return self.get_job(job_id)
+
+    def _job_transition(self, t: _Tx, job_id: int, event: JobEvent, reason: str | None) -> bool:
+        """Compare-and-set of a job's state, guarded by ``JOB_SOURCES[event]``."""
+        stmt = sa.select(jobs.c.state).where(jobs.c.id == job_id)
+        if self._is_pg:
+            stmt = stmt.with_for_update()
+        current = t.conn.execute(stmt).scalar()
+        if current is None or current not in JOB_SOURCES[event]:
+            return False
+        target = next_job_state(JobState(current), event)
+        values: dict[str, Any] = {"state": target.value, "updated_at": t.now}
+        if target in JOB_TERMINAL:
+            values["finished_at"] = t.now
+        done = t.conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == current)
+            .values(**values)
+            .returning(jobs.c.id)
+        ).first()
+        if done is None:
+            return False
+        t.event(
+            f"job.{event.value}",
+            job_id=job_id,
+            from_state=current,
+            to_state=target.value,
+            reason=reason,
+        )
+        return True
+
+    def _cancel_tasks(
+        self, t: _Tx, where: Any, from_states: Iterable[TaskState], reason: str
+    ) -> int:
+        """Cancel the matching tasks in the given source states (one UPDATE per source)."""
+        n = 0
+        target = task_target(TaskEvent.CANCEL).value
+        for src in from_states:
+            assert src in TASK_SOURCES[TaskEvent.CANCEL]
+            rows = t.conn.execute(
+                sa.update(tasks)
+                .where(where, tasks.c.state == src.value)
+                .values(state=target, updated_at=t.now, finished_at=t.now)
+                .returning(tasks.c.id, tasks.c.job_id, tasks.c.agent_id)
+            ).all()
+            attempt_of: dict[int, int] = {}
+            if src.value in _ACTIVE and rows:
+                ids = [r.id for r in rows]
+                attempt_of = {
+                    task_id: attempt_id
+                    for attempt_id, task_id in t.conn.execute(
+                        sa.update(attempts)
+                        .where(attempts.c.task_id.in_(ids), sa.text(_ACTIVE_ATTEMPT_SQL))
+                        .values(state="cancelled", finished_at=t.now, error=reason)
+                        .returning(attempts.c.id, attempts.c.task_id)
+                    )
+                }
+            for r in rows:
+                t.event(
+                    f"task.{TaskEvent.CANCEL.value}",
+                    job_id=r.job_id,
+                    task_id=r.id,
+                    attempt_id=attempt_of.get(r.id),
+                    agent_id=r.agent_id if src.value in _ACTIVE else None,
+                    from_state=src.value,
+                    to_state=target,
+                    reason=reason,
+                )
+            n += len(rows)
+        return n
+
+    def _fail_job(self, t: _Tx, job_id: int, reason: str) -> None:
+        """A task failed for good: fail the job, cancel its queued and blocked tasks."""
+        self._job_transition(t, job_id, JobEvent.FAIL, reason)
+        self._cancel_tasks(
+            t,
+            tasks.c.job_id == job_id,
+            (TaskState.BLOCKED, TaskState.QUEUED),
+            f"job failed: {reason}",
+        )
+
+    def _flush_stages(self, t: _Tx) -> None:
+        """Count the transaction's successes against their stages (sorted: one lock order)."""
+        for key in sorted(t.stage_done):
+            self._flush_stage(t, key)
+
+    def _flush_stage(self, t: _Tx, key: tuple[int, int]) -> None:
+        """One UPDATE of a stage's counter for all its successes; the last one queues the next stage."""
+        n = t.stage_done.pop(key, 0)
+        if not n:
+            return
+        job_id, stage = key
+        row = t.cur.execute(self._sql.stage_done, (n, job_id, stage)).fetchone()
+        if row is None or row[0] > 0:
+            return
+        self._stage_finished(t, job_id, stage)
+
+    def _stage_finished(self, t: _Tx, job_id: int, stage: int) -> None:
+        stage_count = t.conn.execute(
+            sa.select(jobs.c.stage_count).where(jobs.c.id == job_id)
+        ).scalar_one()
+        if stage + 1 < stage_count:
+            target = task_target(TaskEvent.UNBLOCK).value
+            rows = (
+                t.conn.execute(
+                    sa.update(tasks)
+                    .where(
+                        tasks.c.job_id == job_id,
+                        tasks.c.stage == stage + 1,
+                        tasks.c.state.in_([s.value for s in TASK_SOURCES[TaskEvent.UNBLOCK]]),
+                    )
+                    .values(state=target, updated_at=t.now)
+                    .returning(tasks.c.id)
+                )
+                .scalars()
+                .all()
+            )
+            for tid in rows:
+                t.event(
+                    f"task.{TaskEvent.UNBLOCK.value}",
+                    job_id=job_id,
+                    task_id=tid,
+                    from_state=TaskState.BLOCKED.value,
+                    to_state=target,
+                    reason=f"stage {stage} succeeded",
+                )
+            if rows:
+                t.woke = True
+        else:
+            self._job_transition(t, job_id, JobEvent.SUCCEED, "every task succeeded")
+
+    def get_task(self, task_id: int) -> TaskView:
+        def q(conn: Connection) -> TaskView:
+            row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
+            if row is None:
+                raise NotFound(f"task {task_id} not found")
+            att = conn.execute(
+                sa.select(attempts).where(attempts.c.task_id == task_id).order_by(attempts.c.number)
+            ).all()
+            return views.task_view(row, att)
+
+        return self._read(q)
+
+    def has_claimable_work(self) -> bool:
+        """Whether any remote task is queued: one probe of the claim index."""
+        stmt = (
+            sa.select(tasks.c.id)
+            .where(tasks.c.state == TaskState.QUEUED.value, tasks.c.placement == "remote")
+            .limit(1)
+        )
+        return self._read(lambda c: c.execute(stmt).first() is not None)
