@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Memory of a big build: `herder run` of a generated Rakefile of 100,000
-actions (one actionset of `remote-true` lines) on the embedded farm. The RSS
-of the `herder run` process and all its descendants (master, agent, the
-commands) is summed every 0.2 s (psutil); the peak total is printed, with
-the split by process at that moment, and the rate (actions/s), beside
-`xargs -P2 true` on the same count, in the same run, for the rate.
+actions (one actionset of `remote-true` lines) on the embedded farm. The
+memory of the `herder run` process and all its descendants (the commands;
+master and agent run inside it) is summed every 0.2 s (psutil); the peak
+total is printed, with the split by process at that moment, and the rate
+(actions/s), beside `xargs -P2 true` on the same count, in the same run.
 
-The sum counts pages shared between processes once per process (an upper
-bound of what the tree really holds).
+The sum is of PSS (proportional set size: a page shared by k processes counts
+1/k in each), so a command caught between fork and exec, which shares all of
+its parent's pages, is not counted as a second copy of the parent; the peak
+RSS of `herder run` alone is printed too.
 
     python bench/memory.py [--actions 100000] [--slots 2] [--timeout 2400]
 
@@ -49,10 +51,16 @@ def sample(pid: int) -> tuple[int, dict[str, int]]:
     split: dict[str, int] = {}
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            rss = p.memory_info().rss
-            role = _role(p.cmdline())
-            split[role] = split.get(role, 0) + rss
-    return sum(split.values()), split
+            info = p.memory_full_info()
+            mem = int(getattr(info, "pss", info.rss))
+            role = _role(p.cmdline()) if p.pid != pid else "herder run"
+            if p.pid == pid:
+                split["herder run (RSS)"] = int(info.rss)
+            split[role] = split.get(role, 0) + mem
+    rss_only = split.pop("herder run (RSS)", 0)
+    total = sum(split.values())
+    split["herder run (RSS)"] = rss_only
+    return total, split
 
 
 def main() -> int:
@@ -120,7 +128,7 @@ def main() -> int:
     print(f"herder run: {n} remote `true` actions, embedded farm, {slots} slots")
     mb = peak / 1e6
     print(
-        f"peak total RSS (herder run + master + agent + commands): {mb:7.1f} MB  "
+        f"peak total PSS (herder run with its farm + commands): {mb:7.1f} MB  "
         f"(target < {TARGET_MB:.0f} MB: {bl.verdict(mb, TARGET_MB - 1e-9)}; {samples} samples)"
     )
     if peak_split:

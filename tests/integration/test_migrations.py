@@ -46,11 +46,61 @@ def _indexes(url: str, table: str) -> set[str]:
 
 
 def test_migrated_schema_equals_models(db_url: str) -> None:
-    store = Store.open(db_url, migrate=True)
+    store = Store.open(db_url, migrate=False)
+    store.migrate(HEAD)  # an explicit revision: every migration, through Alembic
     store.close()
     assert _diff(db_url) == []
     assert "ix_tasks_claim" in _indexes(db_url, "tasks")
     assert "ix_attempts_active_agent_id" in _indexes(db_url, "attempts")
+
+
+def _schema(url: str) -> dict[str, object]:
+    engine = sa.create_engine(url)
+    try:
+        insp = sa.inspect(engine)
+        out: dict[str, object] = {}
+        for table in sorted(insp.get_table_names()):
+            out[table] = (
+                sorted((c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(table)),
+                sorted(i["name"] or "" for i in insp.get_indexes(table)),
+                sorted(u["name"] or "" for u in insp.get_unique_constraints(table)),
+                insp.get_pk_constraint(table)["constrained_columns"],
+                sorted(f["referred_table"] for f in insp.get_foreign_keys(table)),
+            )
+        return out
+    finally:
+        engine.dispose()
+
+
+def test_fresh_database_is_created_at_head_like_the_migrations(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """A store opened on an empty database creates the head schema without Alembic;
+    it is the schema the migrations build, and it is stamped at head."""
+    import alembic.command
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("an empty database was migrated step by step")
+
+    monkeypatch.setattr(alembic.command, "upgrade", refuse)
+    Store.open(db_url).close()
+    monkeypatch.undo()
+    assert _diff(db_url) == []
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert (
+                conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
+                == HEAD
+            )
+    finally:
+        engine.dispose()
+    if db_url.startswith("sqlite"):
+        migrated = f"sqlite:///{tmp_path}/migrated.db"
+        store = Store.open(migrated, migrate=False)
+        store.migrate(HEAD)
+        store.close()
+        assert _schema(db_url) == _schema(migrated)
 
 
 def test_migrate_is_idempotent(db_url: str) -> None:
@@ -72,9 +122,15 @@ def test_empty_database_differs_from_models(db_url: str) -> None:
     assert {"masters", "master_failures"} <= tables
 
 
-def test_sqlite_claim_index(tmp_path: object) -> None:
+@pytest.mark.parametrize("through", ["created", "migrated"])
+def test_sqlite_claim_index(tmp_path: object, through: str) -> None:
     url = f"sqlite:///{tmp_path}/claim.db"
-    Store.open(url).close()
+    if through == "created":
+        Store.open(url).close()
+    else:
+        store = Store.open(url, migrate=False)
+        store.migrate(HEAD)
+        store.close()
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
