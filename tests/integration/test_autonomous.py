@@ -231,6 +231,9 @@ def test_sigusr1_requests_master_mode(farm: LocalFarm) -> None:
         agent.log_text,
     )
     farm.start_master()
+    # Its row says autonomous once a heartbeat from autonomous mode landed (a
+    # loaded machine may take a moment); with policy "never" it stays so.
+    wait_for(lambda: agent_mode(farm.url) == "autonomous", 15, "autonomous row", agent.log_text)
     time.sleep(1.5)
     assert agent_mode(farm.url) == "autonomous"
     agent.signal(signal.SIGUSR1)
