@@ -46,6 +46,7 @@ from herder.client.errors import (
     StaleAttemptError,
 )
 from herder.client.files import hash_files
+from herder.client.logs import FullLogMixin
 from herder.errors import HerderError, NotFound, StaleAttempt
 from herder.master.service import MasterService
 from herder.records import FollowPage
@@ -71,7 +72,7 @@ def _do(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise _translate(exc) from exc
 
 
-class InProcessClient:
+class InProcessClient(FullLogMixin):
     """The client side of the in-process transport (build, CLI, agent)."""
 
     def __init__(self, service: MasterService) -> None:
@@ -136,16 +137,6 @@ class InProcessClient:
 
     def read_log(self, attempt_id: int, stream: str = "stdout", offset: int = 0) -> LogView:
         return _do(self.store.read_log, int(attempt_id), stream, int(offset))
-
-    def read_full_log(self, attempt_id: int, stream: str = "stdout") -> str:
-        parts: list[str] = []
-        offset = 0
-        while True:
-            page = self.read_log(attempt_id, stream, offset)
-            parts.append(page.data)
-            if page.complete or page.next_offset <= offset:
-                return "".join(parts)
-            offset = page.next_offset
 
     # ---------------------------------------------------------------- agents
 

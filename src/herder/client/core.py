@@ -74,6 +74,7 @@ from herder.client.errors import (
     HerderClientError,
 )
 from herder.client.files import CHUNK, hash_files
+from herder.client.logs import FullLogMixin
 from herder.client.loop import (
     API_PREFIX,
     CONTINUATION_HEADER,
@@ -108,7 +109,7 @@ class _EventList(BaseModel):
     events: list[EventView]
 
 
-class HerderClient(RequestLoop):
+class HerderClient(FullLogMixin, RequestLoop):
     """Synchronous, thread-safe client of the herder master API.
 
     ``masters`` is one URL, a comma/space separated string of URLs, or a
@@ -203,17 +204,6 @@ class HerderClient(RequestLoop):
             params={"stream": stream, "offset": int(offset)},
             idempotent=True,
         )
-
-    def read_full_log(self, attempt_id: int, stream: str = "stdout") -> str:
-        """Read a log from the start, page by page, until it is complete or stops growing."""
-        parts: list[str] = []
-        offset = 0
-        while True:
-            page = self.read_log(attempt_id, stream, offset)
-            parts.append(page.data)
-            if page.complete or page.next_offset <= offset:
-                return "".join(parts)
-            offset = page.next_offset
 
     # ---------------------------------------------------------------- agents
 

@@ -79,31 +79,22 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         # Long-poll: nothing to offer yet, so wait for a wake-up without
         # holding a thread; only a wake-up triggers another claim.
         waiting = not offers and body.max_tasks > 0 and body.wait_s > 0
-        parked = service.parked
         if waiting:
-            parked[agent_id] = parked.get(agent_id, 0) + 1
-        try:
-            while not offers and body.max_tasks > 0 and not ctx.state.stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or await request.is_disconnected():
-                    break
-                if not await service.work.wait_async(gen, remaining):
-                    break
-                gen = service.work.generation
-                # An agent that gave up on this poll (it closed the connection)
-                # must not be offered anything here: the offer would wait for
-                # its ack deadline.
-                if await request.is_disconnected():
-                    break
-                outcome = await ctx.call(service.claim_once, agent_id, body.max_tasks)
-                offers = outcome.offers
-        finally:
-            if waiting:
-                left = parked.get(agent_id, 0) - 1
-                if left > 0:
-                    parked[agent_id] = left
-                else:
-                    parked.pop(agent_id, None)
+            with service.parking(agent_id):
+                while not offers and not ctx.state.stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or await request.is_disconnected():
+                        break
+                    if not await service.work.wait_async(gen, remaining):
+                        break
+                    gen = service.work.generation
+                    # An agent that gave up on this poll (it closed the connection)
+                    # must not be offered anything here: the offer would wait for
+                    # its ack deadline.
+                    if await request.is_disconnected():
+                        break
+                    outcome = await ctx.call(service.claim_once, agent_id, body.max_tasks)
+                    offers = outcome.offers
         return json_response(
             ClaimResponse.model_construct(
                 offers=offers, completions=results, lease_s=store.lease_s, drain=outcome.drain

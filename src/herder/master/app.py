@@ -45,6 +45,7 @@ from herder.master.context import (
     MasterConfig,
     default_master_id,
     error_response,
+    validation_error,
 )
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.service import MasterService
@@ -67,19 +68,6 @@ _SELF_PARSED = (
 )
 
 __all__ = ["MasterConfig", "create_app", "default_master_id"]
-
-
-def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
-    out = []
-    for err in exc.errors():
-        out.append(
-            {
-                "loc": [str(p) for p in err.get("loc", ())],
-                "message": str(err.get("msg", "")),
-                "type": str(err.get("type", "")),
-            }
-        )
-    return out
 
 
 def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
@@ -256,16 +244,8 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = _validation_detail(exc)
-        if any(d["type"] == "json_invalid" for d in detail):
-            return error_response(
-                400, "malformed_json", "the request body is not valid JSON", detail
-            )
-        first = detail[0] if detail else {"loc": [], "message": "invalid"}
-        where = ".".join(p for p in first["loc"] if p != "body") or "request"
-        return error_response(
-            422, "invalid_request", f"{where}: {first['message']}", jsonable_encoder(detail)
-        )
+        err = validation_error(exc.errors())
+        return error_response(err.status, err.code, err.message, jsonable_encoder(err.detail))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

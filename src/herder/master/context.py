@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -101,6 +101,25 @@ class BodyError(HerderError):
         self.code = code
 
 
+def validation_error(errors: Iterable[Any], loc_prefix: tuple[str, ...] = ()) -> BodyError:
+    """Pydantic's (or FastAPI's) validation errors as the API's error: 400
+    ``malformed_json`` for a body that is not JSON, else 422 ``invalid_request``
+    naming the first bad field."""
+    detail = [
+        {
+            "loc": [str(p) for p in (*loc_prefix, *e.get("loc", ()))],
+            "message": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errors
+    ]
+    if any(d["type"] == "json_invalid" for d in detail):
+        return BodyError(400, "malformed_json", "the request body is not valid JSON", detail)
+    first = detail[0] if detail else {"loc": [], "message": "invalid"}
+    where = ".".join(p for p in first["loc"] if p != "body") or "request"
+    return BodyError(422, "invalid_request", f"{where}: {first['message']}", detail)
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     """Validate a JSON body straight from its bytes (the hot routes skip FastAPI's body
     machinery); errors have the same shape as FastAPI's validation errors."""
@@ -108,21 +127,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        detail = [
-            {
-                "loc": [str(p) for p in ("body", *e.get("loc", ()))],
-                "message": str(e.get("msg", "")),
-                "type": str(e.get("type", "")),
-            }
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        if any(d["type"] == "json_invalid" for d in detail):
-            raise BodyError(
-                400, "malformed_json", "the request body is not valid JSON", detail
-            ) from None
-        first = detail[0] if detail else {"loc": [], "message": "invalid"}
-        where = ".".join(p for p in first["loc"] if p != "body") or "request"
-        raise BodyError(422, "invalid_request", f"{where}: {first['message']}", detail) from None
+        errors = exc.errors(include_url=False, include_input=False)
+        raise validation_error(errors, ("body",)) from None
 
 
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ agent's and the build's threads. Both run the same store transactions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from herder.api_models import JobSubmit, decode_inline
@@ -63,6 +65,7 @@ class MasterService:
         self._on_work = on_work
         # Agents with a claim parked here (their wake-up is the work signal).
         self.parked: dict[str, int] = {}
+        self._parked_lock = threading.Lock()
 
     def stop(self) -> None:
         """Answer every parked claim and follow at once (shutdown)."""
@@ -156,8 +159,7 @@ class MasterService:
         out = self.claim_once(agent_id, req.max_tasks, req.completions, req.acks)
         if out.offers or req.max_tasks <= 0 or req.wait_s <= 0:
             return out
-        self.parked[agent_id] = self.parked.get(agent_id, 0) + 1
-        try:
+        with self.parking(agent_id):
             while not out.offers and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -170,13 +172,22 @@ class MasterService:
                     continue
                 nxt = self.claim_once(agent_id, req.max_tasks)
                 out.offers, out.drain = nxt.offers, nxt.drain
-        finally:
-            left = self.parked.get(agent_id, 0) - 1
-            if left > 0:
-                self.parked[agent_id] = left
-            else:
-                self.parked.pop(agent_id, None)
         return out
+
+    @contextlib.contextmanager
+    def parking(self, agent_id: str) -> Iterator[None]:
+        """Count a claim of ``agent_id`` as parked here while it waits (``parked``)."""
+        with self._parked_lock:
+            self.parked[agent_id] = self.parked.get(agent_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._parked_lock:
+                left = self.parked.get(agent_id, 0) - 1
+                if left > 0:
+                    self.parked[agent_id] = left
+                else:
+                    self.parked.pop(agent_id, None)
 
     def complete(self, c: Completion) -> CompletionResult:
         result, woke = self.store.complete(c)
