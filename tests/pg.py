@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -80,9 +81,93 @@ def _run(cmd: list[str], user: str | None) -> None:
         )
 
 
+@dataclass
+class Cluster:
+    """A throwaway cluster this process started: its DSN, and how to stop and restart it.
+
+    Restart only a cluster of your own (``own_cluster``): the session's
+    shared one (``throwaway_cluster``) serves every other test.
+    """
+
+    bindir: Path
+    base: Path
+    port: int
+    user: str | None  # the OS user the server runs as (None: this one)
+    db_user: str
+    # off (the default: fast tests) loses the last commits the server
+    # acknowledged when it is killed (``restart -m immediate``): a test that
+    # restarts a server under a farm needs it on. fsync may stay off: the
+    # operating system keeps what a killed server wrote.
+    synchronous_commit: bool = False
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{self.db_user}@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        _run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.base / "log"),
+                *args,
+            ],
+            self.user,
+        )
+
+    def start(self) -> None:
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+            f"-c unix_socket_directories={self.base} "
+            "-c fsync=off -c full_page_writes=off "
+            f"-c synchronous_commit={'on' if self.synchronous_commit else 'off'} "
+            "-c max_connections=300 -c shared_buffers=64MB"
+        )
+        self._pg_ctl("-o", opts, "-w", "start")
+        self.wait_ready()
+
+    def restart(self, mode: str = "immediate") -> None:
+        """``pg_ctl restart -m MODE``: every connection is cut; back when it accepts again."""
+        self._pg_ctl("-m", mode, "-w", "restart")
+        self.wait_ready()
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(
+            _as_user(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+                self.user,
+            ),
+            capture_output=True,
+            check=False,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def server_log(self) -> str:
+        try:
+            return (self.base / "log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
 @contextmanager
-def throwaway_cluster() -> Iterator[str]:
-    """Start a cluster on a free loopback port; yield the maintenance DSN (libpq URL)."""
+def own_cluster(*, synchronous_commit: bool = False) -> Iterator[Cluster]:
+    """Start a cluster on a free loopback port, stop and remove it afterwards."""
     bindir = find_pg_bin()
     user: str | None = None
     base = Path(tempfile.mkdtemp(prefix="herder-pg-"))
@@ -98,64 +183,35 @@ def throwaway_cluster() -> Iterator[str]:
             ) from None
         os.chown(base, pw.pw_uid, pw.pw_gid)
     base.chmod(0o700)
-    data = base / "data"
-    port = _free_port()
-    db_user = user or "postgres"
-    _run(
-        [
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            db_user,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-sync",
-            "-A",
-            "trust",
-        ],
-        user,
-    )
-    opts = (
-        f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-        "-c max_connections=300 -c shared_buffers=64MB"
-    )
-    _run(
-        [
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(base / "log"),
-            "-o",
-            opts,
-            "-w",
-            "start",
-        ],
-        user,
-    )
-    dsn = f"postgresql://{db_user}@127.0.0.1:{port}/postgres"
+    cluster = Cluster(bindir, base, _free_port(), user, user or "postgres", synchronous_commit)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with psycopg.connect(dsn, connect_timeout=2):
-                    break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield dsn
-    finally:
-        subprocess.run(
-            _as_user(
-                [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], user
-            ),
-            capture_output=True,
-            check=False,
+        _run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(cluster.data),
+                "-U",
+                cluster.db_user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+                "-A",
+                "trust",
+            ],
+            user,
         )
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """Start a cluster on a free loopback port; yield the maintenance DSN (libpq URL)."""
+    with own_cluster() as cluster:
+        yield cluster.dsn
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from herder.names import name_problem
 from herder.paths import UnsafePath, normalize_relpath
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -66,11 +67,19 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
+#: The most output files one completion may list.
+OUTPUTS_MAX = 100_000
+
+
 def _check_relpath(value: str) -> str:
     try:
-        return normalize_relpath(value)
+        norm = normalize_relpath(value)
     except UnsafePath as exc:
         raise ValueError(str(exc)) from None
+    problem = name_problem(norm)
+    if problem is not None:
+        raise ValueError(f"path {problem}")
+    return norm
 
 
 # --------------------------------------------------------------------- submit
@@ -337,7 +346,7 @@ class Completion(_In):
     outcome: Outcome
     exit_code: int | None = None
     error: str | None = Field(default=None, max_length=10_000)
-    outputs: list[OutputFile] = Field(default_factory=list)
+    outputs: list[OutputFile] = Field(default_factory=list, max_length=OUTPUTS_MAX)
     log: list[LogChunk] = Field(default_factory=list, description="output not yet streamed")
     blobs: dict[Digest, str] = Field(
         default_factory=dict,

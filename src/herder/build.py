@@ -214,6 +214,11 @@ class Build:
         self.build_id = uuid.uuid4().hex[:12]
         self.sets: list[SetRun] = []
 
+    @property
+    def job_id(self) -> int | None:
+        """The job of the actionset running now (or last), once submitted."""
+        return self.sets[-1].job_id if self.sets else None
+
     def run(self) -> bool:
         started = time.monotonic()
         ok = True

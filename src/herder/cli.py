@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from herder.cli_common import Exit, _fail, _masters
+from herder.cli_daemons import agent as daemon_agent
+from herder.cli_daemons import master as daemon_master
+from herder.cli_farm import farm_client as _http_client
+from herder.cli_farm import master_timeout_opt
+from herder.cli_farm import no_master as _no_master
+
 if TYPE_CHECKING:
     from rich.console import Console
-
-
-class Exit(click.exceptions.Exit):
-    """Leave the command with an exit status (click's, so a test runner sees it too)."""
 
 
 class _Group(click.Group):
@@ -35,6 +38,9 @@ class _Group(click.Group):
 def app() -> None:
     pass
 
+
+app.add_command(daemon_master)
+app.add_command(daemon_agent)
 
 _console: Console | None = None
 
@@ -73,240 +79,12 @@ inspect_master_opt = click.option(
 )
 
 
-def _masters(value: str) -> list[str]:
-    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
-    if not urls:
-        raise click.BadParameter("no master URL given")
-    return urls
-
-
-def _fail(message: str, code: int = 1) -> None:
-    # Plain write: an error is one line, never wrapped to the terminal width.
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise Exit(code)
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"expected HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-@app.command()
-@click.option(
-    "--db",
-    envvar="HERDER_DB",
-    default="sqlite:///herder.db",
-    help="Database URL: sqlite:///path.db or postgresql+psycopg://user@host/db",
-)
-@click.option("--listen", default="127.0.0.1:6240", help="HOST:PORT to listen on.")
-@click.option("--lease", type=float, default=30.0, help="Lease length in seconds.")
-@click.option("--ack-timeout", type=float, default=30.0, help="Seconds an offer waits for its ack.")
-@click.option("--log-level", default="info", help="debug, info, warning, error")
-@click.option(
-    "--advertise-url",
-    envvar="HERDER_ADVERTISE_URL",
-    default=None,
-    help="The URL agents use to reach this master, listed in the master directory "
-    "(default: http://<listen host>:<port>).",
-)
-def master(
-    db: str,
-    listen: str,
-    lease: float,
-    ack_timeout: float,
-    log_level: str,
-    advertise_url: str | None,
-) -> None:
-    """Run a master: the HTTP API over the job queue in the database."""
-    from herder.logsetup import setup_logging
-    from herder.master.server import serve
-
-    setup_logging(log_level)
-    host, port = _parse_listen(listen)
-    if advertise_url is not None:
-        from herder.master.server import normalize_advertise_url
-
-        try:
-            advertise_url = normalize_advertise_url(advertise_url)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--advertise-url") from None
-    serve(db, host, port, lease_s=lease, ack_timeout_s=ack_timeout, advertise_url=advertise_url)
-
-
-@app.command()
-@click.option(
-    "--master",
-    "-m",
-    envvar="HERDER_MASTER",
-    default=None,
-    help="Master URL(s), comma-separated, tried first in this order "
-    "(default: http://127.0.0.1:6240 unless --dns-name is given).",
-)
-@click.option(
-    "--slots", type=click.IntRange(min=0), default=0, help="Tasks run at once (0: CPU count)."
-)
-@click.option("--tags", default="", help="Comma-separated tags this agent offers.")
-@click.option("--name", default=None, help="Agent name (default: hostname).")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the agent keeps its id, blob cache and sandboxes.",
-)
-@click.option(
-    "--drain-timeout",
-    type=float,
-    default=30.0,
-    help="Seconds to let running tasks finish on SIGTERM.",
-)
-@click.option("--log-level", default="info", help="debug, info, warning, error")
-@click.option(
-    "--talkback",
-    default="127.0.0.1:0",
-    help="HOST:PORT of the agent's talkback endpoint (port 0: any free port); 'off': none.",
-)
-@click.option(
-    "--talkback-token",
-    default=None,
-    help="Bearer token of the talkback endpoint (default: random per start).",
-)
-@click.option(
-    "--dns-name",
-    default=None,
-    help="DNS alias of the masters: SRV _herder._tcp.NAME, else its A/AAAA records "
-    "(port 6240). Tried after --master.",
-)
-@click.option(
-    "--resolver", default=None, help="HOST:PORT of the DNS server to ask (default: the system's)."
-)
-@click.option(
-    "--srv/--no-srv",
-    default=None,
-    help="Only SRV records (--srv) or only A/AAAA (--no-srv); default: SRV, then A/AAAA.",
-)
-@click.option(
-    "--backoff-max",
-    type=click.FloatRange(min=0.1),
-    default=30.0,
-    help="Cap (seconds) of the exponential backoff when every master is down.",
-)
-@click.option(
-    "--self-assign/--no-self-assign",
-    default=False,
-    help="When every master is down, claim work from the database itself (needs --db).",
-)
-@click.option(
-    "--db",
-    envvar="HERDER_AGENT_DB",
-    default=None,
-    help="The farm's database URL, for self-assignment (autonomous mode).",
-)
-@click.option(
-    "--return-policy",
-    default="per-task",
-    help="Autonomous → master mode: per-task (probe the masters before each claim), "
-    "interval:SECONDS, or never (until talkback `mode` or SIGUSR1).",
-)
-@click.option(
-    "--claim-ahead",
-    type=click.IntRange(min=0),
-    envvar="HERDER_CLAIM_AHEAD",
-    default=None,
-    help="Offers claimed beyond the slots while tasks are short (DESIGN §10); "
-    "0: off (default: 32 times slots, at most 64).",
-)
-@click.option(
-    "--rehome",
-    type=float,
-    default=60.0,
-    help="Every this many seconds start again from the first master candidate "
-    "(moves back to the first --master once it returns); 0: never.",
-)
-def agent(
-    master: str | None,
-    slots: int,
-    tags: str,
-    name: str | None,
-    state_dir: Path | None,
-    drain_timeout: float,
-    log_level: str,
-    talkback: str,
-    talkback_token: str | None,
-    dns_name: str | None,
-    resolver: str | None,
-    srv: bool | None,
-    backoff_max: float,
-    self_assign: bool,
-    db: str | None,
-    return_policy: str,
-    claim_ahead: int | None,
-    rehome: float,
-) -> None:
-    """Run an agent: claim tasks from the masters and run them in sandboxes.
-
-    Masters come from --master, then --dns-name (via --resolver), then the master
-    directory. With --self-assign and --db the agent claims from the database
-    while every master is down; SIGUSR1 (or talkback `mode`) sends it back.
-    """
-    from herder.agent.daemon import AgentConfig, run_agent
-    from herder.logsetup import setup_logging
-
-    setup_logging(log_level)
-    from herder.agent.autonomous import ReturnPolicy
-
-    if self_assign and not db:
-        _fail("--self-assign needs --db (the farm's database URL)")
-    try:
-        ReturnPolicy.parse(return_policy)
-    except ValueError as exc:
-        _fail(f"--return-policy: {exc}")
-    if master is None and not dns_name:
-        master = "http://127.0.0.1:6240"
-    kwargs: dict[str, Any] = {
-        "masters": _masters(master) if master else [],
-        "dns_name": dns_name,
-        "resolver": resolver,
-        "srv": srv,
-        "backoff_max_s": backoff_max,
-        "self_assign": self_assign,
-        "db_url": db,
-        "return_policy": return_policy,
-        "rehome_s": rehome,
-        "slots": slots or os.cpu_count() or 1,
-        "tags": [t.strip() for t in tags.split(",") if t.strip()],
-        "drain_timeout_s": drain_timeout,
-        "claim_ahead": claim_ahead,
-    }
-    if name:
-        kwargs["name"] = name
-    if state_dir is not None:
-        kwargs["state_dir"] = state_dir
-    if talkback.strip().lower() in ("off", "none", ""):
-        kwargs["talkback"] = None
-    else:
-        from herder.agent.talkback import parse_bind
-
-        try:
-            parse_bind(talkback)
-        except ValueError as exc:
-            _fail(str(exc))
-        kwargs["talkback"] = talkback
-    if talkback_token is not None:
-        if len(talkback_token) < 16:
-            _fail("--talkback-token: at least 16 characters")
-        kwargs["talkback_token"] = talkback_token
-    try:
-        config = AgentConfig(**kwargs)
-    except ValueError as exc:
-        _fail(str(exc), 2)
-    raise Exit(run_agent(config))
-
-
 @contextlib.contextmanager
-def _client(master: str | None) -> Iterator[Any]:
+def _client(master: str | None, master_timeout: str | None = None) -> Iterator[Any]:
     """A client for --master, or for the embedded farm state of `herder run`."""
+    from herder.cli_farm import outage_policy
+
+    outage_policy(master_timeout)  # a bad value is an error even where no master is asked
     state = Path.cwd() / ".herder"
     if not master and (state / "herder.db").is_file():
         # The saved state of `herder run`: read it in this process, through the
@@ -319,14 +97,15 @@ def _client(master: str | None) -> Iterator[Any]:
         finally:
             store.close()
         return
-    from herder.client import HerderClient
-
-    urls = _masters(master) if master else [DEFAULT_MASTER]
-    with HerderClient(urls) as client:
+    client = _http_client(_masters(master) if master else [DEFAULT_MASTER], master_timeout)
+    try:
         yield client
+    finally:
+        client.close()
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _call(fn: Any, *args: Any, _job: int | None = None, **kwargs: Any) -> Any:
+    """Call the client; an error answer or no master is a clear message (``_job``: named in it)."""
     from herder.client import ApiError, NoMasterAvailable
 
     try:
@@ -334,7 +113,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except ApiError as exc:
         _fail(f"{exc.code}: {exc.message}")
     except NoMasterAvailable as exc:
-        _fail(f"no master reachable: {exc}")
+        _no_master(exc, _job)
     return None
 
 
@@ -342,7 +121,8 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @click.argument("jobfile", type=click.Path(path_type=Path))
 @master_opt
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
-def submit(jobfile: Path, master: str, wait: bool) -> None:
+@master_timeout_opt
+def submit(jobfile: Path, master: str, wait: bool, master_timeout: str | None) -> None:
     """Submit a job file to a master and print its id."""
     from pydantic import ValidationError
 
@@ -366,7 +146,7 @@ def submit(jobfile: Path, master: str, wait: bool) -> None:
     job_spec = spec.job
     if job_spec.idempotency_key is None:
         job_spec = job_spec.model_copy(update={"idempotency_key": f"cli-{uuid.uuid4()}"})
-    with _client(master) as client:
+    with _client(master, master_timeout) as client:
         _call(spec.upload, client)
         job = _call(client.submit_job, job_spec)
         console().print(f"job {job.id} {job.state} {job.href}", highlight=False)
@@ -374,7 +154,7 @@ def submit(jobfile: Path, master: str, wait: bool) -> None:
             # The follow stream answers as soon as anything happens: no polling interval.
             state, after = job.state, 0
             while state not in ("succeeded", "failed", "cancelled"):
-                page = _call(client.follow_job, job.id, after, wait_s=20.0)
+                page = _call(client.follow_job, job.id, after, wait_s=20.0, _job=job.id)
                 state, after = page.state, page.next
             console().print(f"job {job.id} {state}", highlight=False)
             if state != "succeeded":
@@ -385,9 +165,12 @@ def submit(jobfile: Path, master: str, wait: bool) -> None:
 @click.argument("job_id", type=int, required=False)
 @inspect_master_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(job_id: int | None, master: str | None, as_json: bool) -> None:
+@master_timeout_opt
+def status(
+    job_id: int | None, master: str | None, as_json: bool, master_timeout: str | None
+) -> None:
     """Show jobs, or one job with its stages and tasks."""
-    with _client(master) as client:
+    with _client(master, master_timeout) as client:
         if job_id is None:
             jobs = _call(client.list_jobs)
             if as_json:
@@ -399,7 +182,7 @@ def status(job_id: int | None, master: str | None, as_json: bool) -> None:
                 table.add_row(str(j.id), j.name, j.state, counts, j.created_at.isoformat())
             console().print(table)
             return
-        job = _call(client.get_job, job_id)
+        job = _call(client.get_job, job_id, _job=job_id)
         if as_json:
             print(job.model_dump_json(indent=2))
             return
@@ -422,12 +205,15 @@ def status(job_id: int | None, master: str | None, as_json: bool) -> None:
 @click.argument("task_id", type=int, required=False)
 @inspect_master_opt
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output.")
-def logs(job_id: int, task_id: int | None, master: str | None, follow: bool) -> None:
+@master_timeout_opt
+def logs(
+    job_id: int, task_id: int | None, master: str | None, follow: bool, master_timeout: str | None
+) -> None:
     """Print the stdout and stderr of a job's tasks (their latest attempts)."""
     offsets: dict[tuple[int, str], int] = {}
-    with _client(master) as client:
+    with _client(master, master_timeout) as client:
         while True:
-            job = _call(client.get_job, job_id)
+            job = _call(client.get_job, job_id, _job=job_id)
             for stage in job.stages:
                 for task in stage.tasks:
                     if task_id is not None and task.id != task_id:
@@ -437,7 +223,9 @@ def logs(job_id: int, task_id: int | None, master: str | None, follow: bool) -> 
                     attempt = task.attempts[-1]
                     for stream in ("stdout", "stderr"):
                         key = (attempt.id, stream)
-                        chunk = _call(client.read_log, attempt.id, stream, offsets.get(key, 0))
+                        chunk = _call(
+                            client.read_log, attempt.id, stream, offsets.get(key, 0), _job=job_id
+                        )
                         offsets[key] = chunk.next_offset
                         out = sys.stdout if stream == "stdout" else sys.stderr
                         for line in chunk.data.splitlines():
@@ -450,19 +238,21 @@ def logs(job_id: int, task_id: int | None, master: str | None, follow: bool) -> 
 @app.command()
 @click.argument("job_id", type=int)
 @inspect_master_opt
-def cancel(job_id: int, master: str | None) -> None:
+@master_timeout_opt
+def cancel(job_id: int, master: str | None, master_timeout: str | None) -> None:
     """Cancel a job: its queued tasks never start, running ones are stopped."""
-    with _client(master) as client:
-        job = _call(client.cancel_job, job_id)
+    with _client(master, master_timeout) as client:
+        job = _call(client.cancel_job, job_id, _job=job_id)
         console().print(f"job {job.id} {job.state}", highlight=False)
 
 
 @app.command()
 @inspect_master_opt
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def agents(master: str | None, as_json: bool) -> None:
+@master_timeout_opt
+def agents(master: str | None, as_json: bool, master_timeout: str | None) -> None:
     """List the agents registered with the farm and their resource usage."""
-    with _client(master) as client:
+    with _client(master, master_timeout) as client:
         items = _call(client.list_agents)
         if as_json:
             print(json.dumps([a.model_dump(mode="json") for a in items], indent=2))
@@ -489,12 +279,13 @@ def agents(master: str | None, as_json: bool) -> None:
 @click.argument("agent_id")
 @master_opt
 @click.option("--undo", is_flag=True, help="Undrain: let the agent take new work again.")
-def drain(agent_id: str, master: str, undo: bool) -> None:
+@master_timeout_opt
+def drain(agent_id: str, master: str, undo: bool, master_timeout: str | None) -> None:
     """Drain an agent: no new work; it exits once its running tasks are done and reported."""
     from herder.api_models import AgentView
 
     action = "undrain" if undo else "drain"
-    with _client(master) as client:
+    with _client(master, master_timeout) as client:
         view = _call(
             client._call,  # no HerderClient method for it yet: the generic request loop
             AgentView,
@@ -525,15 +316,30 @@ def drain(agent_id: str, master: str, undo: bool) -> None:
     "-C",
     type=click.Path(path_type=Path),
     default=None,
-    help="Working directory (default: the current one).",
+    help="Working directory (default: the current one); a relative RAKEFILE found there "
+    "is read from there.",
 )
 @click.option("--plain", is_flag=True, help="Line output even on a terminal.")
-def run(rakefile: Path, master: str | None, slots: int, chdir: Path | None, plain: bool) -> None:
-    """Build a Rakefile: actionsets in order, the actions of each in parallel."""
+@master_timeout_opt
+def run(
+    rakefile: Path,
+    master: str | None,
+    slots: int,
+    chdir: Path | None,
+    plain: bool,
+    master_timeout: str | None,
+) -> None:
+    """Build a Rakefile: actionsets in order, the actions of each in parallel.
+
+    Exit status: 0 built, 1 an action failed, 2 a bad Rakefile or option,
+    75 no master answered within --master-timeout (the job goes on in the farm).
+    """
     from herder.build import Build, BuildError, PlainReporter, Reporter, RichReporter
     from herder.client.errors import ApiError, HerderClientError, NoMasterAvailable
     from herder.rakefile import RakefileError, load_rakefile
 
+    if chdir is not None and not rakefile.is_absolute() and (chdir / rakefile).is_file():
+        rakefile = chdir / rakefile  # as `make -C DIR`: the Rakefile of that directory
     try:
         parsed = load_rakefile(rakefile)
     except RakefileError as exc:
@@ -551,9 +357,7 @@ def run(rakefile: Path, master: str | None, slots: int, chdir: Path | None, plai
         client: Any = None
         try:
             if master:
-                from herder.client import HerderClient
-
-                client = HerderClient(_masters(master))
+                client = _http_client(_masters(master), master_timeout)
             else:
                 from herder.embedded import EmbeddedFarm, StateDirBusy
 
@@ -571,6 +375,8 @@ def run(rakefile: Path, master: str | None, slots: int, chdir: Path | None, plai
             except BuildError as exc:
                 _fail(f"{rakefile}: {exc}", 2)
             except (ApiError, NoMasterAvailable, HerderClientError) as exc:
+                if farm is None and isinstance(exc, NoMasterAvailable):
+                    _no_master(exc, build.job_id)  # the job goes on: never cancelled here
                 where = f" (embedded farm log: {workdir / '.herder' / 'logs' / 'farm.log'})"
                 _fail(f"farm error: {exc}{where if farm is not None else ''}")
         finally:

@@ -19,47 +19,25 @@ cancelled at start, since nobody follows them any more.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from herder.errors import DatabaseError
 from herder.inprocess import InProcessClient
+from herder.statelock import StateDirBusy, StateLock
+
+if TYPE_CHECKING:
+    from herder.store.stops import CancelledAttempt
+
+__all__ = ["EmbeddedFarm", "StateDirBusy", "inspect_state"]
 
 log = logging.getLogger("herder.embedded")
 
 MAINTENANCE_INTERVAL_S = 1.0
 HOLDER = "embedded"
-
-
-class StateDirBusy(Exception):
-    """Another process holds the state directory."""
-
-
-class _DirLock:
-    """An exclusive ``flock`` on ``<dir>/lock``, held while the farm runs."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise StateDirBusy(
-                f"{directory} is in use by another herder process (lock {self.path})"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-                os.close(self.fd)
-            self.fd = -1
 
 
 def _file_logging(logs: Path, level: str) -> logging.Handler:
@@ -93,7 +71,7 @@ class EmbeddedFarm:
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _DirLock(self.state_dir)
+        self._lock = StateLock(self.state_dir)
         self._log_handler: logging.Handler | None = None
         self._threads: list[threading.Thread] = []
         self._halt = threading.Event()
@@ -108,7 +86,9 @@ class EmbeddedFarm:
                 lease_s=lease_s,
                 ack_timeout_s=ack_timeout_s,
             )
-            self.service = MasterService(self.store)
+            # A job that fails or is cancelled kills its running attempts at once:
+            # the in-process agent is told directly (a networked master uses talkback).
+            self.service = MasterService(self.store, on_cancel=self._cancel_in_agent)
             if abandon_unfinished:
                 self._abandon_unfinished()
             # Recovery on start, as a master's (seeds/002).
@@ -128,6 +108,15 @@ class EmbeddedFarm:
         return self._client
 
     # -------------------------------------------------------------- internals
+
+    def _cancel_in_agent(self, cancelled: Sequence[CancelledAttempt]) -> None:
+        """The store cancelled attempts (after its commit): kill those of our agent now."""
+        agent = getattr(self, "agent", None)
+        if agent is None or agent.agent_id is None:
+            return  # not started yet: nothing of ours runs
+        for c in cancelled:
+            if c.agent_id == agent.agent_id:
+                agent.cancel_attempt(c.attempt_id, c.reason)
 
     def _abandon_unfinished(self) -> None:
         for state in ("queued", "running", "paused"):
@@ -163,6 +152,10 @@ class EmbeddedFarm:
         while not self._halt.wait(MAINTENANCE_INTERVAL_S):
             try:
                 self.service.maintain(HOLDER, 10.0)
+            except DatabaseError as exc:
+                # A full or locked database: one line a round, no traceback (the run's
+                # own requests report it to the user).
+                log.warning("event=reap_failed error=%r", str(exc))
             except Exception:
                 log.exception("event=reap_failed")
 

@@ -5,6 +5,11 @@ farm starts) and adds what a chaos test needs: agents addressed by name that
 restart with the same state dir (so the same agent id), agents pointed at
 another URL (a fault proxy) or given their own environment, ``kill -9`` of
 either role, and every wait bounded.
+
+Several masters on one database (PostgreSQL): :meth:`ChaosFarm.add_master`
+starts another on its own port; :meth:`ChaosFarm.kill_master` then kills them
+in turn and :meth:`ChaosFarm.start_master` restarts the one it killed last, so
+a killer written for one master drives several unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,10 +123,36 @@ class ChaosFarm:
     master_crashes: list[tuple[int, int | None]] = field(default_factory=list)
     _killed: set[int] = field(default_factory=set)
     master_start_s: list[float] = field(default_factory=list)  # start → healthy, each start
+    peers: list[LocalFarm] = field(default_factory=list)  # more masters on the same database
+    agent_masters: str | None = None  # --master of agents started without one (default: url)
+    _turn: int = 0  # the master kill_master() kills next, in turn
+    _down: int | None = None  # the master kill_master() killed last, until restarted
 
     @property
     def url(self) -> str:
         return self.farm.url
+
+    @property
+    def masters(self) -> list[LocalFarm]:
+        return [self.farm, *self.peers]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.masters]
+
+    def add_master(self) -> LocalFarm:
+        """Start one more master on the same database (on its own port and log)."""
+        f = self.farm
+        peer = LocalFarm(
+            db_url=f.db_url,
+            workdir=self.workdir / f"master{len(self.peers) + 1}",
+            lease_s=f.lease_s,
+            ack_timeout_s=f.ack_timeout_s,
+            log_level=f.log_level,
+        )
+        self.peers.append(peer)
+        self._start(peer)
+        return peer
 
     @property
     def workdir(self) -> Path:
@@ -129,26 +162,44 @@ class ChaosFarm:
     def state_dir(self, name: str) -> Path:
         return self.workdir / f"state-{name}"
 
-    def start_master(self) -> Proc:
+    def start_master(self, index: int | None = None) -> Proc:
+        """Start the master (with peers: ``index``, else the one :meth:`kill_master` killed last)."""
+        if index is None:
+            index, self._down = (self._down or 0), None
+        return self._start(self.masters[index])
+
+    def _start(self, farm: LocalFarm) -> Proc:
         t0 = time.monotonic()
-        proc = self.farm.start_master(wait=60)
+        proc = farm.start_master(wait=60)
         self.master_start_s.append(round(time.monotonic() - t0, 1))
         return proc
 
     def check_master(self) -> None:
-        """Record it if the master exited without being killed (a crash)."""
-        m = self.farm.master
-        if m is not None and m.popen is not None and m.pid not in self._killed and not m.alive():
+        """Record it if a master exited without being killed (a crash)."""
+        for farm in self.masters:
+            m = farm.master
+            if m is None or m.popen is None or m.pid in self._killed or m.alive():
+                continue
             key = (m.pid, m.popen.returncode)
             if key not in self.master_crashes:
                 self.master_crashes.append(key)
 
-    def kill_master(self) -> None:
-        assert self.farm.master is not None
+    def next_master(self) -> int:
+        """The index of the master :meth:`kill_master` kills next."""
+        return self._turn % len(self.masters)
+
+    def kill_master(self) -> int:
+        """kill -9 the master (with peers: each in turn); returns which one."""
+        index = self.next_master()
+        self._turn += 1
+        master = self.masters[index].master
+        assert master is not None
         self.check_master()
-        self._killed.add(self.farm.master.pid)
-        self.farm.master.kill9()
+        self._killed.add(master.pid)
+        master.kill9()
+        self._down = index
         self.master_kills += 1
+        return index
 
     def start_agent(
         self,
@@ -170,7 +221,7 @@ class ChaosFarm:
             "herder",
             "agent",
             "--master",
-            master_url or f.url,
+            master_url or self.agent_masters or f.url,
             "--slots",
             str(slots),
             "--name",
@@ -202,12 +253,16 @@ class ChaosFarm:
     def master_log(self) -> str:
         return (self.workdir / "master.log").read_text(errors="replace")
 
+    def _log_files(self) -> list[Path]:
+        peers = [p.workdir / "master.log" for p in self.peers if p.workdir is not None]
+        return [*sorted(self.workdir.glob("*.log")), *(p for p in peers if p.is_file())]
+
     def _traceback_lines(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for p in sorted(self.workdir.glob("*.log")):
+        for p in self._log_files():
             for line in p.read_text(errors="replace").splitlines():
                 if "Traceback" in line:
-                    out.setdefault(p.name, []).append(line)
+                    out.setdefault(str(p.relative_to(self.workdir)), []).append(line)
         return out
 
     def tracebacks(self) -> dict[str, int]:
@@ -223,14 +278,116 @@ class ChaosFarm:
 
     def log_tails(self, chars: int = 3000) -> str:
         parts = []
-        for p in sorted(self.workdir.glob("*.log")):
+        for p in self._log_files():
             text = p.read_text(errors="replace")
-            parts.append(f"----- {p.name} (last {chars} chars) -----\n{text[-chars:]}")
+            name = p.relative_to(self.workdir)
+            parts.append(f"----- {name} (last {chars} chars) -----\n{text[-chars:]}")
         return "\n".join(parts)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.farm.stop()
+        for peer in self.peers:
+            with contextlib.suppress(Exception):
+                peer.stop()
+
+
+class Killer(threading.Thread):
+    """kill -9 of agents and masters on a schedule tied to a job's progress.
+
+    ``agent_kills`` + ``master_kills`` blows, the masters' at random places
+    (never first, second or last); blow k lands once about k/kills of 80 % of
+    the job's ``n_tasks`` are done (the first at once). A killed agent (one of
+    ``agents``, at random) restarts with ``slots`` and the same state dir. A
+    killed master restarts on the same port; ``restart_in_background``: while
+    the killer goes on (for a farm whose other masters carry the load, or not
+    when the next blow finds them restarting), a master's next blow waiting
+    for its own restart.
+    """
+
+    def __init__(
+        self,
+        cf: ChaosFarm,
+        job_id: int,
+        rng: random.Random,
+        *,
+        n_tasks: int,
+        agents: tuple[str, ...],
+        slots: int,
+        agent_kills: int,
+        master_kills: int,
+        restart_in_background: bool = False,
+    ) -> None:
+        super().__init__(name="chaos-killer", daemon=True)
+        self.cf = cf
+        self.job_id = job_id
+        self.rng = rng
+        self.agents = agents
+        self.slots = slots
+        self.restart_in_background = restart_in_background
+        kills = agent_kills + master_kills
+        masters = set(rng.sample(range(2, kills - 1), master_kills))
+        self.schedule = ["master" if k in masters else "agent" for k in range(kills)]
+        self.thresholds = [int(n_tasks * 0.80 * k / kills) for k in range(kills)]
+        self.stop_flag = threading.Event()
+        self.log: list[str] = []
+        self.error: BaseException | None = None
+        self._restarts: dict[int, threading.Thread] = {}
+
+    def done(self) -> int | None:
+        for url in self.cf.urls:
+            counts = job_counts(url, self.job_id)
+            if counts is not None:
+                return sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+        return None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            for th in self._restarts.values():
+                th.join(90)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        for k, what in enumerate(self.schedule):
+            while not self.stop_flag.is_set():
+                self.cf.check_master()
+                done = self.done()
+                if done is not None and done >= self.thresholds[k]:
+                    break
+                time.sleep(0.05)
+            if self.stop_flag.is_set():
+                return
+            self.log.append(f"{time.monotonic() - t0:.1f}s:{what}@{done}")
+            if what == "master":
+                previous = self._restarts.pop(self.cf.next_master(), None)
+                if previous is not None:
+                    previous.join(90)  # that master is up again before it is killed again
+                index = self.cf.kill_master()
+                time.sleep(self.rng.uniform(0.0, 0.5))
+                if self.restart_in_background:
+                    th = threading.Thread(target=self._restart_master, args=(index,), daemon=True)
+                    self._restarts[index] = th
+                    th.start()
+                else:
+                    self.cf.start_master(index)
+            else:
+                name = self.rng.choice(self.agents)
+                self.cf.kill_agent(name)
+                time.sleep(self.rng.uniform(0.0, 0.5))
+                self.cf.start_agent(name, slots=self.slots)
+                self.log[-1] = self.log[-1].replace("agent", name)
+            # Let the farm move a little before the next blow.
+            time.sleep(self.rng.uniform(0.2, 0.6))
+
+    def _restart_master(self, index: int) -> None:
+        try:
+            self.cf.start_master(index)
+        except BaseException as exc:
+            self.error = exc
 
 
 def summary_line(test: str, db: str, **fields: object) -> str:

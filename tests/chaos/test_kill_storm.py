@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 
+import chaoslib
 import pytest
-from chaoslib import ChaosFarm, fetch_events, job_counts, sha, summary_line, wait_job
+from chaoslib import ChaosFarm, fetch_events, sha, summary_line, wait_job
 from invariants import assert_no_violations, check_job, check_outputs
 
 from conftest import MakeFarm
@@ -56,59 +56,20 @@ def task_command(i: int, sleep_ms: int) -> str:
     )
 
 
-class Killer(threading.Thread):
-    """Kills agents and the master on a schedule tied to the job's progress."""
+class Killer(chaoslib.Killer):
+    """The storm of this test: chaoslib's killer with its numbers."""
 
     def __init__(self, cf: ChaosFarm, job_id: int, rng: random.Random) -> None:
-        super().__init__(name="chaos-killer", daemon=True)
-        self.cf = cf
-        self.job_id = job_id
-        self.rng = rng
-        kills = AGENT_KILLS + MASTER_KILLS
-        masters = set(rng.sample(range(2, kills - 1), MASTER_KILLS))
-        self.schedule = ["master" if k in masters else "agent" for k in range(kills)]
-        # Kill k once about k/kills of 80 % of the tasks are done (the first at once).
-        self.thresholds = [int(N_TASKS * 0.80 * k / kills) for k in range(kills)]
-        self.stop_flag = threading.Event()
-        self.log: list[str] = []
-        self.error: BaseException | None = None
-
-    def done(self) -> int | None:
-        counts = job_counts(self.cf.url, self.job_id)
-        if counts is None:
-            return None
-        return counts.get("succeeded", 0) + counts.get("failed", 0) + counts.get("cancelled", 0)
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        for k, what in enumerate(self.schedule):
-            while not self.stop_flag.is_set():
-                self.cf.check_master()
-                done = self.done()
-                if done is not None and done >= self.thresholds[k]:
-                    break
-                time.sleep(0.05)
-            if self.stop_flag.is_set():
-                return
-            self.log.append(f"{time.monotonic() - t0:.1f}s:{what}@{done}")
-            if what == "master":
-                self.cf.kill_master()
-                time.sleep(self.rng.uniform(0.0, 0.5))
-                self.cf.start_master()
-            else:
-                name = self.rng.choice(AGENTS)
-                self.cf.kill_agent(name)
-                time.sleep(self.rng.uniform(0.0, 0.5))
-                self.cf.start_agent(name, slots=SLOTS)
-                self.log[-1] = self.log[-1].replace("agent", name)
-            # Let the farm move a little before the next blow.
-            time.sleep(self.rng.uniform(0.2, 0.6))
+        super().__init__(
+            cf,
+            job_id,
+            rng,
+            n_tasks=N_TASKS,
+            agents=AGENTS,
+            slots=SLOTS,
+            agent_kills=AGENT_KILLS,
+            master_kills=MASTER_KILLS,
+        )
 
 
 @pytest.mark.slow

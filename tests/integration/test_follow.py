@@ -41,6 +41,8 @@ def test_follow_carries_results_logs_and_outputs_inline(farm: LocalFarm, tmp_pat
     spec = JobSubmit.model_validate(
         {
             "name": "follow",
+            # Two stages: a failure stops its job's running work at once, so a
+            # sibling in the same stage could be cancelled before it succeeds.
             "stages": [
                 {
                     "name": "s",
@@ -50,9 +52,9 @@ def test_follow_carries_results_logs_and_outputs_inline(farm: LocalFarm, tmp_pat
                             "command": "cat in.txt && tr a-z A-Z < in.txt > out.txt",
                             "requires": [{"path": "in.txt", "digest": digest}],
                         },
-                        {"name": "fail", "command": "echo oops >&2; exit 3"},
                     ],
-                }
+                },
+                {"name": "t", "tasks": [{"name": "fail", "command": "echo oops >&2; exit 3"}]},
             ],
             "blobs": {digest: _b64(data)},
         }

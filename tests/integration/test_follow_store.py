@@ -46,13 +46,14 @@ def test_follow_page_reports_offers_then_results_with_logs_and_blobs(db_url: str
         assert [(o.path, o.mode) for o in good.outputs] == [("out/x.bin", 0o755)]
         assert good.blobs == {digest: data}
         assert bad.state == "failed" and bad.exit_code == 7 and bad.stdout == ""
-        # The failure failed the job; its third task still runs (offered), so no result yet.
+        # The failure failed the job and stopped its work: the third task (offered) was
+        # cancelled with it, in the same page; its late success is stale and adds nothing.
         assert page2.state == "failed"
-        assert offers[2].task_id not in by_id
+        assert by_id[offers[2].task_id].state == "cancelled"
         assert store.follow_page(sub.id, page2.next).results == []
-        store.claim("a1", 0, [ok(offers[2])])
-        (last,) = store.follow_page(sub.id, page2.next).results
-        assert last.task_id == offers[2].task_id and last.state == "succeeded"
+        (late,) = store.claim("a1", 0, [ok(offers[2])]).results
+        assert late.result == "stale"
+        assert store.follow_page(sub.id, page2.next).results == []
         assert {r.task_id for r in store.task_results(sub.task_ids)} == set(sub.task_ids)
         with_events = store.follow_page(sub.id, 0, include_events=True)
         assert with_events.events is not None and with_events.events[0].kind == "job.submit"

@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from herder.store import Store
 from herder.store.schema import metadata
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _skip_sqlite_expression_index(

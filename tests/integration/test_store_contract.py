@@ -274,9 +274,13 @@ def test_retry_until_max_attempts_then_job_fails(store: Store) -> None:
     done = store.get_job(view.id)
     assert done.state == "failed" and done.finished_at is not None
     assert done.stages[1].tasks[0].state == "cancelled"
-    # a running task of a failed job may finish
+    # a failed job stops all its work: its running task was cancelled with it,
+    # and that attempt's late completion is stale (nothing changes)
+    assert store.get_task(other.task_id).state == "cancelled"
+    assert store.get_task(other.task_id).attempts[0].state == "cancelled"
     r, _ = store.complete(ok(other))
-    assert (r.result, r.task_state) == ("accepted", "succeeded")
+    assert r.result == "stale"
+    assert store.get_task(other.task_id).state == "cancelled"
     assert store.get_job(view.id).state == "failed"
     assert store.claim(a, 10).offers == []
 

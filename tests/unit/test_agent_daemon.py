@@ -639,7 +639,9 @@ def test_journal_entries_roundtrip(tmp_path: Path) -> None:
     (tmp_path / "j" / "a9.json").write_text("{not json")
     (e,) = j.load()
     assert e.completion == c and e.blobs == {"ab" * 32: "/x/y"} and e.task_id == 3
-    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["a7.json", "a9.json.bad"]
+    # the corrupt entry is quarantined beside the journal (it used to become a9.json.bad)
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["a7.json"]
+    assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == ["a9.json"]
     assert 7 in j
     j.remove(7)
     j.remove(7)  # idempotent

@@ -20,7 +20,13 @@ The agent's loops talk to one :class:`ModalClient`. It has the methods of
   allows self-assignment and gives the database URL, the calls go to
   :class:`StoreClient`, which claims, completes, heartbeats (``mode=
   "autonomous"``), stores logs and blobs through :class:`herder.store.Store`,
-  the very code a master runs. Maintenance (reaping) stays with the masters.
+  the very code a master runs. While no read-write master is listed up in the
+  master directory, it also does the masters' maintenance
+  (:class:`AutonomousMaintenance`: ``Store.maintain`` reaps under the
+  maintenance lock, held as ``agent:<id>``, then retention's ``prune_due``),
+  at the masters' cadence, so the leases of agents that die meanwhile are
+  reaped. It lets the lock go as soon as a master is listed again or the
+  agent leaves autonomous mode (or the lock's TTL lapses if it dies).
 
 Return to master mode (``return_policy``): ``per-task`` probes the masters
 (one ``GET /health`` with a short timeout) before each claim that asks for
@@ -49,6 +55,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from herder.agent.maintenance import (
+    MAINTENANCE_TTL_ENV,
+    REAP_INTERVAL_ENV,
+    REAP_INTERVAL_S,
+    AutonomousMaintenance,
+    env_seconds,
+)
 from herder.api_models import (
     AgentRegister,
     AgentView,
@@ -60,6 +73,7 @@ from herder.api_models import (
     HeartbeatResponse,
     LogChunk,
 )
+from herder.core.rules import DEFAULT_MAINTENANCE_TTL_S
 
 log = logging.getLogger("herder.agent")
 
@@ -123,6 +137,37 @@ class StoreClient:
             db_url, migrate=False, lease_s=lease_s, ack_timeout_s=ack_timeout_s, pool_size=4
         )
         self._stop = threading.Event()
+        self._maint_lock = threading.Lock()
+        self._maint_allowed = True  # off in master mode: a late autonomous call starts nothing
+        self.maintenance: AutonomousMaintenance | None = None
+
+    def _maintain_as(self, agent_id: str) -> None:
+        """Start the maintenance thread once the agent's id is known (first call)."""
+        if self.maintenance is not None or not self._maint_allowed:
+            return
+        with self._maint_lock:
+            if self.maintenance is None and self._maint_allowed and not self._stop.is_set():
+                m = AutonomousMaintenance(
+                    self.store,
+                    f"agent:{agent_id}",
+                    env_seconds(REAP_INTERVAL_ENV, REAP_INTERVAL_S),
+                    env_seconds(MAINTENANCE_TTL_ENV, DEFAULT_MAINTENANCE_TTL_S),
+                )
+                m.start()
+                self.maintenance = m
+
+    def stop_maintenance(self, reason: str) -> None:
+        """Leave maintenance to the masters (leaving autonomous mode); the lock is let go."""
+        with self._maint_lock:
+            self._maint_allowed = False
+            m, self.maintenance = self.maintenance, None
+        if m is not None:
+            m.stop(reason)
+
+    def allow_maintenance(self) -> None:
+        """Back in autonomous mode: the next call starts maintenance again."""
+        with self._maint_lock:
+            self._maint_allowed = True
 
     def _do(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -138,6 +183,7 @@ class StoreClient:
         return view
 
     def claim(self, agent_id: str, req: ClaimRequest) -> ClaimResponse:
+        self._maintain_as(agent_id)
         out = self._do(self.store.claim, agent_id, req.max_tasks, req.completions, req.acks)
         results, offers = out.results, out.offers
         # A short "long-poll": re-check the claim index until work or the wait is over.
@@ -165,6 +211,7 @@ class StoreClient:
         self._do(self.store.append_log, attempt_id, token, chunks)
 
     def heartbeat(self, agent_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        self._maintain_as(agent_id)
         return self._do(
             self.store.heartbeat, agent_id, hb.model_copy(update={"mode": "autonomous"})
         )
@@ -197,6 +244,7 @@ class StoreClient:
 
     def close(self) -> None:
         self._stop.set()
+        self.stop_maintenance("stopping")
         self.store.close()
 
 
@@ -287,6 +335,7 @@ class ModalClient:
     def _announce_return(self) -> None:
         self._want_master = False
         self._next_try = 0.0
+        self._leave_maintenance()
         log.warning("event=mode_changed mode=master reason=requested policy=%s", self.policy)
         if self.on_mode_change is not None:
             with contextlib.suppress(Exception):
@@ -298,9 +347,18 @@ class ModalClient:
                 return
             self._mode = mode
         log.warning("event=mode_changed mode=%s reason=%s policy=%s", mode, reason, self.policy)
+        if mode == "master":
+            self._leave_maintenance()
+        elif self._store is not None:
+            self._store.allow_maintenance()
         if self.on_mode_change is not None:
             with contextlib.suppress(Exception):
                 self.on_mode_change(mode)
+
+    def _leave_maintenance(self) -> None:
+        store = self._store
+        if store is not None:
+            store.stop_maintenance("master_mode")
 
     def _store_client(self) -> StoreClient:
         with self._lock:
@@ -479,4 +537,4 @@ class ModalClient:
                 self._store.close()
 
 
-__all__ = ["Mode", "ModalClient", "ReturnPolicy", "StoreClient"]
+__all__ = ["AutonomousMaintenance", "Mode", "ModalClient", "ReturnPolicy", "StoreClient"]

@@ -5,7 +5,8 @@
   finish while a request is in flight share the next one; a completion waits
   up to ``batch_wait_s`` for young sibling attempts so that short tasks fall
   into step and share requests. A failed delivery is journaled and retried
-  with backoff;
+  with backoff. A request refused as malformed (or not serializable) never
+  blocks the rest: ``_deliver_refused`` isolates the completion at fault;
 - the **poller** claims for idle slots when nothing is being delivered
   (long-polling while the farm is idle);
 - a talkback **wake** sends an immediate claim that joins the parked poll's
@@ -29,6 +30,7 @@ from herder.agent.state import (
     Reservation,
     is_client_error,
     is_outcome_unknown,
+    is_refused,
 )
 from herder.api_models import ClaimRequest, Offer
 
@@ -271,6 +273,18 @@ class ClaimsMixin(AgentCore):
                 self._claim(n, 0.0, done)
                 self._rtt = 0.8 * self._rtt + 0.2 * (time.monotonic() - t0)
             except Exception as exc:
+                if is_refused(exc):
+                    # Malformed, too large or not serializable: isolate the culprit
+                    # (herder.agent.delivery); never retried as it is.
+                    transient = self._deliver_refused(done, exc)
+                    if transient is None:
+                        continue
+                    delay = backoff.next(retry_after(transient))
+                    retry_at = time.monotonic() + delay
+                    log.warning(
+                        "event=delivery_failed error=%r retry_in_s=%.2f", str(transient), delay
+                    )
+                    continue
                 if is_client_error(exc):
                     # The master refuses these completions outright: drop them.
                     log.error(

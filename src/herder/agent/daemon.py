@@ -17,6 +17,10 @@ its own module of ``herder.agent``:
 ``executor``        sandboxes, staging, spawning, timeouts, output collection
 ==================  ==========================================================
 
+One agent per state dir: ``Agent.run`` holds an exclusive lock on
+``<state_dir>/lock`` (``herder.statelock``) for as long as it runs; a second
+one raises ``StateDirBusy`` (``run_agent``: one ``error:`` line, exit 2).
+
 Completions the master has not acknowledged can be kept in the journal
 (``herder.agent.journal``): a restarted agent delivers them, still fenced,
 before it claims anything. The executor's cleaner removes sandboxes once
@@ -31,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +52,7 @@ from herder.agent.journal import Journal
 from herder.agent.slots import SlotsMixin
 from herder.agent.state import AgentClient
 from herder.api_models import AgentRegister, Outcome
+from herder.statelock import StateDirBusy, StateLock
 
 log = logging.getLogger("herder.agent")
 
@@ -146,9 +152,15 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
             self._slot_cond.notify_all()
 
     def run(self) -> int:
-        """Register, deliver the journal, work until stopped, drain, deliver. Returns 0."""
+        """Lock the state dir, register, deliver the journal, work until stopped, drain,
+        deliver. Returns 0; :class:`StateDirBusy` if another agent holds the state dir."""
+        # Before anything touches the state dir: a second agent would purge the
+        # first's sandboxes and replay its journal.
+        with StateLock(self.config.state_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> int:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
         journaled = self.journal.load()
         purged = self.executor.purge_stale(keep={e.attempt_id for e in journaled})
         if purged:
@@ -388,11 +400,18 @@ def _usr1(handler: Callable[[], None]) -> Iterator[None]:
 
 
 def run_agent(config: AgentConfig, client: AgentClient | None = None) -> int:
-    """Run an agent until SIGTERM/SIGINT or a drain order; drain; return the exit status (0)."""
+    """Run an agent until SIGTERM/SIGINT or a drain order; drain; return the exit status.
+
+    0; 2 (after one line on stderr) when another process holds the state dir.
+    """
     agent = Agent(config, client)
     try:
         with _signals(agent.on_signal), _usr1(agent.request_master_mode):
             return agent.run()
+    except StateDirBusy as exc:
+        log.error("event=state_dir_busy state_dir=%s pid=%s", exc.directory, exc.pid)
+        print(f"error: {exc}", file=sys.stderr, flush=True)  # the CLI's error format
+        return 2
     finally:
         with contextlib.suppress(Exception):
             agent.client.close()
@@ -404,6 +423,7 @@ __all__ = [
     "AgentConfig",
     "Backoff",
     "Outcome",
+    "StateDirBusy",
     "default_state_dir",
     "run_agent",
 ]

@@ -8,7 +8,13 @@
 - ``_settle`` / ``_forget`` drop attempts once a master answered for them
   (accepted or stale), removing their journal entry and sandbox;
 - ``_queue_released`` hands offers back through the outbox (``released``:
-  requeued at once, no retry budget used).
+  requeued at once, no retry budget used);
+- ``_deliver_refused``: a request the master refused as malformed (400, 413,
+  422) or that could not be serialized. No single completion may block the
+  others or be retried forever: each is checked as the master would, then
+  sent alone; one refused is replaced once by a minimal failure (its error
+  says why); if that is refused too, it is dropped and its journal entry
+  quarantined (``herder.agent.journal``).
 
 The sender that carries the outbox lives in ``herder.agent.claims``.
 """
@@ -16,11 +22,15 @@ The sender that carries the outbox lives in ``herder.agent.claims``.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from herder.agent.journal import JournalEntry
-from herder.agent.state import AgentCore, Attempt
+from herder.agent.state import AgentCore, Attempt, clip, is_refused, printable
 from herder.api_models import Completion, CompletionResult, Offer
 
 log = logging.getLogger("herder.agent")
@@ -39,7 +49,7 @@ class DeliveryMixin(AgentCore):
         )
         try:
             self.journal.write(entry)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold
             log.error("event=journal_write_failed attempt=%d error=%r", att.id, str(exc))
             return
         att.journaled = True
@@ -50,6 +60,11 @@ class DeliveryMixin(AgentCore):
         """Queue the completions an earlier run could not deliver (before any claim)."""
         atts = []
         for e in entries:
+            foreign = _foreign_blob(self.executor.sandbox_path(e.attempt_id), e.blobs)
+            if foreign is not None:  # never read a device or someone else's file as output
+                reason = f"unreadable: blob file {foreign!r} is not a file of the attempt's sandbox"
+                self.journal.quarantine(e.attempt_id, reason)
+                continue
             att = Attempt(e.attempt_id, e.completion.token, completion=e.completion)
             att.blobs = {d: Path(p) for d, p in e.blobs.items()}
             att.uploaded = not att.blobs
@@ -119,3 +134,144 @@ class DeliveryMixin(AgentCore):
             self._outbox.extend(atts)
             self._outbox_since = self._outbox_since or time.monotonic()
             self._send_cond.notify()
+
+    # ------------------------------------------------ refused completions
+
+    def _deliver_refused(self, done: list[Attempt], exc: BaseException) -> BaseException | None:
+        """The request carrying ``done`` was refused (``is_refused(exc)``); deliver them anyway.
+
+        Runs on the sender thread (``_claim`` has put ``done`` back in the
+        outbox). Completions that do not survive the master's validation here
+        are replaced by minimal failures and the batch goes back to the
+        sender; a batch the master refuses for a reason not visible here is
+        sent one completion at a time. Returns None when ``done`` is dealt
+        with, else the transient error that stopped it (what is left of
+        ``done`` is back in the outbox and journaled; the sender backs off).
+        """
+        with self._cond:
+            self._outbox = [a for a in self._outbox if a not in done]
+        log.warning(
+            "event=completions_refused attempts=%s error=%r",
+            [a.id for a in done],
+            printable(str(exc)),
+        )
+        fixed = False
+        for att in done:
+            problem = completion_problem(att.completion)
+            if problem is not None:
+                fixed = True
+                if att.refused is None:
+                    self._replace_refused(att, problem)
+                else:
+                    self._drop_refused(att, problem)
+        left = [a for a in done if a.completion is not None]
+        if len(left) == 1 and not fixed:  # it was refused on its own
+            if left[0].refused is None:
+                self._replace_refused(left[0], _reason(exc))
+            else:
+                self._drop_refused(left[0], _reason(exc))
+        elif not fixed:
+            return self._deliver_alone(left)
+        self._requeue(left)
+        return None
+
+    def _deliver_alone(self, done: list[Attempt]) -> BaseException | None:
+        """One request per completion; each refused one is replaced, then dropped."""
+        for i, att in enumerate(done):
+            while att.completion is not None:
+                try:
+                    self._claim(0, 0.0, [att])
+                    break
+                except Exception as exc:
+                    with self._cond:
+                        self._outbox = [a for a in self._outbox if a is not att]
+                    if not is_refused(exc):
+                        rest = done[i:]
+                        for a in rest:
+                            self._journal(a)
+                        self._requeue(rest)
+                        return exc
+                    if att.refused is None:
+                        self._replace_refused(att, _reason(exc))
+                    else:
+                        self._drop_refused(att, _reason(exc))
+        return None
+
+    def _requeue(self, atts: list[Attempt]) -> None:
+        with self._cond:
+            self._outbox[:0] = [a for a in atts if a.completion is not None]
+            if self._outbox:
+                self._outbox_since = self._outbox_since or time.monotonic()
+
+    def _replace_refused(self, att: Attempt, reason: str) -> None:
+        """Swap ``att``'s completion for a minimal infrastructure failure saying why."""
+        reason = printable(reason)
+        log.error("event=completion_refused attempt=%d error=%r", att.id, reason)
+        try:
+            att.completion = Completion(
+                attempt_id=att.id,
+                token=att.token,
+                outcome="launch_failed",
+                error=clip(f"agent error: the completion cannot be delivered: {reason}"),
+            )
+        except ValidationError as exc:  # e.g. a journaled token no master issued
+            self._drop_refused(att, f"{reason}; no minimal completion either: {_reason(exc)}")
+            return
+        att.refused = reason
+        att.blobs, att.uploaded = {}, True
+
+    def _drop_refused(self, att: Attempt, reason: str) -> None:
+        """Give up on ``att``: even its minimal completion is refused. The master
+        requeues the attempt when the heartbeat no longer lists it."""
+        reason = printable(reason)
+        log.error("event=completion_dropped attempt=%d error=%r", att.id, reason)
+        entry = None
+        if att.completion is not None:
+            entry = JournalEntry(completion=att.completion, agent_id=self.agent_id)
+        self.journal.quarantine(att.id, f"undeliverable: {reason}", entry)
+        att.journaled = False
+        att.completion = None
+        self.stats["dropped"] = self.stats.get("dropped", 0) + 1
+        self._forget(att)
+
+
+def _foreign_blob(sandbox: Path, blobs: dict[str, str]) -> str | None:
+    """The first of ``blobs`` (digest -> file) that is not a regular file inside ``sandbox``."""
+    root = os.path.realpath(sandbox) + os.sep
+    for path in blobs.values():
+        real = os.path.realpath(path)
+        if not real.startswith(root):
+            return path
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            continue  # gone: delivered as lost outputs (herder.agent.slots)
+        except OSError:
+            return path
+        if not stat.S_ISREG(mode):
+            return path
+    return None
+
+
+def completion_problem(c: Completion | None) -> str | None:
+    """Why the master would refuse ``c`` (it must serialize and validate), or None."""
+    if c is None:
+        return None
+    try:
+        # The model's rules first (they name the field), then what JSON cannot carry.
+        Completion.model_validate(c.model_dump())
+        c.model_dump_json()
+    except (ValueError, UnicodeError) as exc:  # serialization errors are ValueErrors too
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """One printable line for a refusal: the first validation error, or the message."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        text = f"{where}: {first['msg']}" if where else str(first["msg"])
+    else:
+        text = str(exc)
+    return clip(" ".join(printable(text).split()))

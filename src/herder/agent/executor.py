@@ -130,6 +130,7 @@ class ExecResult:
     error: str | None = None
     outputs: list[tuple[OutputFile, Path]] = field(default_factory=list)
     duration_s: float = 0.0
+    outputs_failed: bool = False  # ``error`` says why the outputs cannot be brought back
 
     @property
     def output_files(self) -> list[OutputFile]:
@@ -488,19 +489,11 @@ class Execution:
                 self.work_empty = False
             if self.work_empty and self.spec.outputs is None:
                 return
-        try:
-            got = collect(
-                self.work_dir,
-                self._snapshot,
-                self.spec.outputs,
-                root_real=os.path.join(self.executor.work_root_real, self._name, "work"),
-            )
-        except OSError as exc:
-            res.error = _join(res.error, f"cannot collect outputs: {exc}")
-            return
+        root_real = os.path.join(self.executor.work_root_real, self._name, "work")
+        got = collect(self.work_dir, self._snapshot, self.spec.outputs, root_real=root_real)
         res.outputs = got.files
-        if got.problems:
-            res.error = _join(res.error, "; ".join(got.problems))
+        if got.error:  # the outputs cannot come back as asked: the attempt fails
+            res.error, res.outputs_failed = _join(res.error, got.error), True
         for msg in got.skipped:
             log.warning("event=output_skipped attempt=%d detail=%r", self.attempt_id, msg)
         self._evict_modified_links()

@@ -146,6 +146,19 @@ class SlotsMixin(AgentCore):
         return blobs
 
     def _make_completion(self, att: Attempt, ex: Execution, res: ExecResult) -> Completion:
+        if res.outputs_failed:
+            # A command failure (retries count): the same command fails the same
+            # way anywhere. Exit status 0 would read as success, so it is left out.
+            log.warning("event=outputs_refused attempt=%d error=%r", att.id, res.error)
+            exited0 = res.exit_code == 0
+            return Completion(
+                attempt_id=att.id,
+                token=att.token,
+                outcome=res.outcome,
+                exit_code=None if exited0 else res.exit_code,
+                error=clip(f"{res.error}{' (the command exited 0)' if exited0 else ''}"),
+                log=self._final_log(att, ex),
+            )
         outputs = []
         inline: dict[str, str] = {}
         if res.outputs and not att.stale:

@@ -73,6 +73,30 @@ def is_client_error(exc: BaseException) -> bool:
     return isinstance(exc, ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
 
 
+REFUSED_STATUSES = (400, 413, 422)  # the master cannot take this request, ever
+
+
+def is_refused(exc: BaseException) -> bool:
+    """The completions of a request can never be delivered as they are.
+
+    The master answered 400/413/422 (malformed, too large, invalid), or the
+    request could not even be serialized (a string JSON cannot carry).
+    """
+    from pydantic import ValidationError
+    from pydantic_core import PydanticSerializationError
+
+    from herder.client import ApiError
+
+    if isinstance(exc, ApiError):
+        return exc.status in REFUSED_STATUSES
+    return isinstance(exc, PydanticSerializationError | ValidationError | UnicodeError)
+
+
+def printable(text: str) -> str:
+    """``text`` with anything JSON cannot carry (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class Attempt:
     attempt_id: int
@@ -86,6 +110,7 @@ class Attempt:
     uploaded: bool = True  # False: the master may lack some of ``blobs``
     journaled: bool = False
     sandbox: Path | None = None  # to remove once delivered (journal entries)
+    refused: str | None = None  # the master refused its real completion: this one is minimal
 
     @classmethod
     def of(cls, offer: Offer) -> Attempt:
@@ -191,6 +216,9 @@ class AgentCore:
         def cancel_attempt(self, attempt_id: int, reason: str) -> None: ...
         def _drain_ordered(self) -> None: ...
         def _free(self) -> int: ...
+        def _claim(
+            self, n: int, wait_s: float, done: list[Attempt], res: Reservation | None = None
+        ) -> list[Offer]: ...
         def _window(self) -> int: ...
         def _low_water(self) -> int: ...
         def _note_duration(self, seconds: float) -> None: ...
@@ -201,6 +229,9 @@ class AgentCore:
         def _journal(self, att: Attempt) -> None: ...
         def _settle(self, done: list[Attempt], results: list[CompletionResult]) -> None: ...
         def _forget(self, att: Attempt) -> None: ...
+        def _deliver_refused(
+            self, done: list[Attempt], exc: BaseException
+        ) -> BaseException | None: ...
         def _queue_released(self, offers: list[Offer], error: str = ...) -> None: ...
         def _run_one(self, offer: Offer) -> None: ...
         def _make_completion(self, att: Attempt, ex: Execution, res: ExecResult) -> Completion: ...

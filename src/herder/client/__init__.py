@@ -2,6 +2,10 @@
 Use ``with HerderClient(["http://m1:6238", "http://m2:6238"]) as client:``
 then ``client.submit_job(spec)``, ``client.get_job(job.id)``, and so on.
 
+A client that should wait out master outages (as the CLI's commands do)
+takes ``master_timeout=SECONDS`` or ``outage=OutagePolicy(...)``
+(``herder.client.outage``); past it, :class:`MasterOutageTimeout`.
+
 Names are imported on first use, so a process that only needs the client's
 errors or file helpers (the embedded farm) does not import the HTTP stack.
 """
@@ -26,12 +30,14 @@ if TYPE_CHECKING:
         BlobDigestError,
         ConflictError,
         HerderClientError,
+        MasterOutageTimeout,
         NoMasterAvailable,
         NotFoundError,
         RequestOutcomeUnknown,
         StaleAttemptError,
     )
     from herder.client.files import sha256_bytes, sha256_file
+    from herder.client.outage import OutagePolicy
 
 _WHERE = {
     "API_PREFIX": "core",
@@ -45,6 +51,8 @@ _WHERE = {
     "BlobDigestError": "errors",
     "ConflictError": "errors",
     "HerderClientError": "errors",
+    "MasterOutageTimeout": "errors",
+    "OutagePolicy": "outage",
     "NoMasterAvailable": "errors",
     "NotFoundError": "errors",
     "RequestOutcomeUnknown": "errors",
@@ -73,8 +81,10 @@ __all__ = [
     "HerderClient",
     "HerderClientError",
     "MasterFailure",
+    "MasterOutageTimeout",
     "NoMasterAvailable",
     "NotFoundError",
+    "OutagePolicy",
     "PRIORITY_HEADER",
     "RequestOutcomeUnknown",
     "StaleAttemptError",

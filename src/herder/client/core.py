@@ -19,6 +19,14 @@ redirect protocol of seeds/004 (DESIGN §7):
   flag resets, the tried servers become servers to try again, and the loop
   goes on with the new command (which is idempotent by construction).
 
+With ``master_timeout=`` (seconds) or ``outage=OutagePolicy(...)``
+(``herder.client.outage``) a request that finds no master waits for one
+(capped exponential backoff with full jitter, one announcement per outage)
+and is sent again, up to that long per outage; then
+:class:`~herder.client.errors.MasterOutageTimeout`. A submission without an
+idempotency key gets one first, so a resend whose first answer was lost
+finds the same job. The agent leaves this off: it has its own backoff.
+
 A master that answers normally becomes the preferred server of the next
 request (sticky); the configured masters stay the fallback. Masters that
 failed (unreachable, timed out, busy) are recorded in :attr:`failures` so the
@@ -36,8 +44,10 @@ import hashlib
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 from pydantic import BaseModel
@@ -89,6 +99,7 @@ from herder.client.loop import (
 from herder.records import FollowPage, OutputRecord, TaskResult
 
 BLOB_QUERY_BATCH = 10_000
+MAX_BODY_CUTS = 5
 
 __all__ = [
     "API_PREFIX",
@@ -128,12 +139,14 @@ class HerderClient(FullLogMixin, RequestLoop):
 
     def submit_job(self, spec: JobSubmit) -> JobView:
         """Submit a job. Resent after an ambiguous failure only when it has an idempotency key."""
+        spec = self._keyed(spec)
         return self._call(
             JobView, "POST", "/jobs", json=spec, idempotent=spec.idempotency_key is not None
         )
 
     def submit_job_ids(self, spec: JobSubmit) -> JobSubmitted:
         """Submit a job; the answer names its task ids instead of carrying every task's view."""
+        spec = self._keyed(spec)
         return self._call(
             JobSubmitted,
             "POST",
@@ -142,6 +155,12 @@ class HerderClient(FullLogMixin, RequestLoop):
             params={"view": "ids"},
             idempotent=spec.idempotency_key is not None,
         )
+
+    def _keyed(self, spec: JobSubmit) -> JobSubmit:
+        """A client that waits out outages resends: give a keyless submission a key of its own."""
+        if self._outage is None or spec.idempotency_key is not None:
+            return spec
+        return spec.model_copy(update={"idempotency_key": f"client-{uuid.uuid4()}"})
 
     def follow_job(
         self,
@@ -302,29 +321,30 @@ class HerderClient(FullLogMixin, RequestLoop):
     def download_blob(self, digest: str, dest: Path | str, *, mode: int | None = None) -> int:
         """Stream a blob into ``dest`` (a temp file renamed into place); verify its sha256.
 
-        Returns the number of bytes written.
+        Returns the number of bytes written. A client that waits out outages
+        fetches a body cut off midway again from the start (a master killed
+        mid-answer), up to :data:`MAX_BODY_CUTS` times.
         """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         tmp = Path(tmp_name)
         try:
-            h = hashlib.sha256()
-            size = 0
             with os.fdopen(fd, "wb") as out:
-                response = self._request("GET", f"/blobs/{digest}", idempotent=True, stream=True)
-                try:
-                    for chunk in response.iter_bytes(CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-                        size += len(chunk)
-                except httpx.TransportError as exc:
-                    raise HerderClientError(
-                        f"download of blob {digest} interrupted: {type(exc).__name__}: {exc}"
-                    ) from exc
-                finally:
-                    response.close()
-            actual = h.hexdigest()
+                cuts = 0
+                while True:
+                    try:
+                        size, actual = self._stream_blob(digest, out)
+                        break
+                    except httpx.TransportError as exc:
+                        cuts += 1
+                        if self._outage is None or cuts > MAX_BODY_CUTS:
+                            raise HerderClientError(
+                                f"download of blob {digest} interrupted: "
+                                f"{type(exc).__name__}: {exc}"
+                            ) from exc
+                        out.seek(0)
+                        out.truncate()
             if actual != digest:
                 raise BlobDigestError(digest, actual)
             if mode is not None:
@@ -335,6 +355,20 @@ class HerderClient(FullLogMixin, RequestLoop):
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+    def _stream_blob(self, digest: str, out: BinaryIO) -> tuple[int, str]:
+        """One GET of a blob's body into ``out``: (bytes, their sha256)."""
+        h = hashlib.sha256()
+        size = 0
+        response = self._request("GET", f"/blobs/{digest}", idempotent=True, stream=True)
+        try:
+            for chunk in response.iter_bytes(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        finally:
+            response.close()
+        return size, h.hexdigest()
 
     def upload_files(
         self, root: Path | str, relpaths: Iterable[str]

@@ -43,6 +43,7 @@ import dns.resolver
 import dns.rrset
 import httpx
 
+from herder.client.backoff import Backoff as Backoff
 from herder.client.core import API_PREFIX, normalize_master_url
 
 log = logging.getLogger(__name__)
@@ -61,56 +62,6 @@ DNS_REFUSED = "refused"
 DNS_NO_ANSWER = "no_answer"  # the name exists but has no records of the type asked
 DNS_NO_RESOLVER = "no_resolver"
 DNS_ERROR = "error"  # anything else: a bad answer, a network error, another rcode
-
-
-# ----------------------------------------------------------------- backoff
-
-
-class Backoff:
-    """Binary exponential backoff with full jitter, capped.
-
-    The n-th :meth:`next` (from 0) returns a delay drawn uniformly from
-    ``[0, min(cap, base * factor**n)]`` ("full jitter"); :meth:`ceiling` is
-    that upper bound. :meth:`reset` starts over (call it after a success).
-    """
-
-    def __init__(
-        self,
-        base: float = 0.5,
-        cap: float = 60.0,
-        factor: float = 2.0,
-        *,
-        rng: random.Random | None = None,
-    ) -> None:
-        if base <= 0 or cap <= 0:
-            raise ValueError("base and cap must be positive")
-        if factor < 1:
-            raise ValueError("factor must be at least 1")
-        self.base = float(base)
-        self.cap = float(cap)
-        self.factor = float(factor)
-        self._rng = rng if rng is not None else random.Random()
-        self.attempt = 0
-
-    def ceiling(self, attempt: int | None = None) -> float:
-        """The largest delay of an attempt (default: the next one)."""
-        n = self.attempt if attempt is None else attempt
-        # Compare in the exponent to avoid overflowing float for large n.
-        bound = self.base
-        for _ in range(n):
-            bound *= self.factor
-            if bound >= self.cap:
-                return self.cap
-        return min(self.cap, bound)
-
-    def next(self) -> float:
-        """The delay before the next try (seconds); each call doubles the ceiling, up to the cap."""
-        delay = self._rng.uniform(0.0, self.ceiling())
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 # ----------------------------------------------------------------- results

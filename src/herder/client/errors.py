@@ -105,3 +105,25 @@ class BlobDigestError(HerderClientError):
         super().__init__(f"blob {expected}: received data hashes to {actual}")
         self.expected = expected
         self.actual = actual
+
+
+class MasterOutageTimeout(NoMasterAvailable):
+    """No master answered within the client's master timeout (``master_timeout``).
+
+    Raised only by a client that rides out outages (:class:`herder.client.outage.OutagePolicy`).
+    ``waited`` is how long it waited (seconds; 0 when the timeout is 0);
+    ``attempts`` are the tries of its last round. Nothing was cancelled: a
+    job the client followed goes on in the farm.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        attempts: Sequence[AttemptRecord],
+        *,
+        waited: float,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(method, path, attempts, retry_after=retry_after)
+        self.waited = waited

@@ -8,13 +8,12 @@ failure records, sticky preferred master. No API methods here.
 
 from __future__ import annotations
 
-import json as _jsonlib
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -23,17 +22,26 @@ from herder import __version__
 from herder.client.errors import (
     ApiError,
     AttemptRecord,
-    ConflictError,
     HerderClientError,
     NoMasterAvailable,
-    NotFoundError,
     RequestOutcomeUnknown,
-    StaleAttemptError,
 )
+from herder.client.wire import API_PREFIX as API_PREFIX
+from herder.client.wire import CONTINUATION_HEADER as CONTINUATION_HEADER
+from herder.client.wire import PRIORITY_HEADER as PRIORITY_HEADER
+from herder.client.wire import alternates_of as _alternates_of
+from herder.client.wire import api_path as _api_path
+from herder.client.wire import dump as _dump
+from herder.client.wire import error_from_response as _error_from_response
+from herder.client.wire import json_body as _json_body
+from herder.client.wire import json_bytes as _json_bytes
+from herder.client.wire import normalize_master_url as normalize_master_url
+from herder.client.wire import retry_after as _retry_after
+from herder.client.wire import split_masters as _split_masters
 
-API_PREFIX = "/api/v1"
-PRIORITY_HEADER = "Herder-Priority"
-CONTINUATION_HEADER = "Herder-Continuation"
+if TYPE_CHECKING:
+    from herder.client.outage import OutagePolicy, OutageWatch
+
 MAX_CONTINUATIONS = 16
 MAX_FAILURES_KEPT = 1000
 
@@ -100,99 +108,6 @@ class _LoopState:
             self.to_try.extend(new)
 
 
-def normalize_master_url(url: str) -> str:
-    """``host:port`` → ``http://host:port``; drops a trailing ``/`` and ``/api/v1``."""
-    if not isinstance(url, str):
-        raise ValueError(f"master URL must be a string, not {type(url).__name__}")
-    url = url.strip()
-    if not url:
-        raise ValueError("master URL is empty")
-    if "://" not in url:
-        url = "http://" + url
-    url = url.rstrip("/")
-    if url.endswith(API_PREFIX):
-        url = url[: -len(API_PREFIX)].rstrip("/")
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"master URL {url!r} is not an http(s) URL with a host")
-    return url
-
-
-def _split_masters(masters: str | Sequence[str]) -> list[str]:
-    items = masters.replace(",", " ").split() if isinstance(masters, str) else list(masters)
-    out: list[str] = []
-    for item in items:
-        url = normalize_master_url(item)
-        if url not in out:
-            out.append(url)
-    if not out:
-        raise ValueError("no master URL given")
-    return out
-
-
-def _api_path(path: str) -> str:
-    if not path.startswith("/"):
-        path = "/" + path
-    if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
-        return path
-    return API_PREFIX + path
-
-
-def _json_body(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-def _alternates_of(body: Any) -> list[str]:
-    if isinstance(body, dict):
-        alts = body.get("alternates")
-        if isinstance(alts, list):
-            return [a for a in alts if isinstance(a, str)]
-    return []
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-def _error_from_response(response: httpx.Response) -> ApiError:
-    status = response.status_code
-    body = _json_body(response)
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        code: str = body["error"]
-        message = body.get("message")
-        message = message if isinstance(message, str) else code
-        detail = body.get("detail")
-    elif isinstance(body, dict) and "detail" in body:  # a bare framework error
-        code = f"http_{status}"
-        message = str(body["detail"])
-        detail = body["detail"]
-    else:
-        code = f"http_{status}"
-        text = response.text.strip() if response.content else ""
-        message = f"{response.reason_phrase or 'HTTP error'}" + (f": {text[:500]}" if text else "")
-        detail = None
-    if status == 404:
-        return NotFoundError(status, code, message, detail)
-    if status == 409:
-        if code == "stale_attempt":
-            return StaleAttemptError(status, code, message, detail)
-        return ConflictError(status, code, message, detail)
-    return ApiError(status, code, message, detail)
-
-
-def _dump(model: BaseModel) -> bytes:
-    return model.model_dump_json().encode()
-
-
 class RequestLoop:
     """Synchronous, thread-safe client of the herder master API.
 
@@ -203,6 +118,11 @@ class RequestLoop:
     ``discovery`` (e.g. :class:`herder.client.discovery.MasterDiscovery`)
     adds masters found at request time after the configured ones; with it,
     ``masters`` may be omitted.
+
+    ``master_timeout`` (seconds) or ``outage`` (an
+    :class:`herder.client.outage.OutagePolicy`) make every request wait out
+    master outages, up to that long per outage, instead of failing at once
+    (``herder.client.outage``). Off by default: the agent has its own backoff.
     """
 
     def __init__(
@@ -217,6 +137,8 @@ class RequestLoop:
         verify: bool | str = True,
         max_connections: int = 100,
         keepalive_expiry: float = 4.0,
+        master_timeout: float | None = None,
+        outage: OutagePolicy | None = None,
     ) -> None:
         if masters is None and discovery is None:
             raise ValueError("give masters, a discovery, or both")
@@ -245,6 +167,15 @@ class RequestLoop:
         self._preferred: str | None = None
         self._lock = threading.Lock()
         self._failures: deque[MasterFailure] = deque(maxlen=MAX_FAILURES_KEPT)
+        self._outage: OutageWatch | None = None
+        if outage is None and master_timeout is not None:
+            from herder.client.outage import OutagePolicy
+
+            outage = OutagePolicy(timeout_s=float(master_timeout))
+        if outage is not None:
+            from herder.client.outage import OutageWatch
+
+            self._outage = OutageWatch(outage)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -255,7 +186,14 @@ class RequestLoop:
         self.close()
 
     def close(self) -> None:
+        if self._outage is not None:
+            self._outage.close()  # wakes requests waiting for a master
         self._http.close()
+
+    @property
+    def outage(self) -> OutageWatch | None:
+        """The outage watch of a client that waits out master outages, else None."""
+        return self._outage
 
     @property
     def masters(self) -> list[str]:
@@ -276,6 +214,8 @@ class RequestLoop:
                     continue
                 if norm not in out:
                     out.append(norm)
+        if self._outage is not None:
+            self._outage.remember(out)
         return out
 
     @property
@@ -319,10 +259,75 @@ class RequestLoop:
 
         Returns a 2xx response (with ``stream=True`` the caller must close it);
         raises :class:`ApiError` (and subclasses) for an error answer,
-        :class:`NoMasterAvailable` when no master handled it, and
-        :class:`RequestOutcomeUnknown` when a non-idempotent request may have
-        been processed but its answer was lost.
+        :class:`NoMasterAvailable` when no master handled it (with an outage
+        policy: :class:`MasterOutageTimeout` once no master answered for its
+        timeout), and :class:`RequestOutcomeUnknown` when a non-idempotent
+        request may have been processed but its answer was lost.
         """
+        watch = self._outage
+        if watch is None:
+            return self._round(
+                method, path, json, content, params, idempotent, timeout, stream, content_type
+            )
+        # Outage riding (herder.client.outage): a round that reached no master sent
+        # nothing anywhere, so the same request may go again, to every master known.
+        backoff = watch.backoff()
+        also: list[str] = []
+        while True:
+            round_timeout = timeout
+            if watch.in_outage:
+                round_timeout = self._connect_capped(timeout, watch.remaining())
+            try:
+                response = self._round(
+                    method,
+                    path,
+                    json,
+                    content,
+                    params,
+                    idempotent,
+                    round_timeout,
+                    stream,
+                    content_type,
+                    also=also,
+                )
+            except NoMasterAvailable as exc:
+                watch.wait(watch.next_wait(exc, backoff))
+                invalidate = getattr(self._discovery, "invalidate", None)
+                if invalidate is not None:
+                    invalidate()  # ask DNS and the directory afresh
+                also = watch.remembered()
+                continue
+            except ApiError:
+                watch.back(self._preferred)  # a master answered, if with an error
+                raise
+            watch.back(self._preferred)
+            return response
+
+    def _connect_capped(
+        self, timeout: httpx.Timeout | float | None, remaining: float
+    ) -> httpx.Timeout:
+        """``timeout`` with its connect part cut to the outage's time left (a black hole)."""
+        t = httpx.Timeout(self._timeout if timeout is None else timeout)
+        connect = t.connect if t.connect is not None else self._timeout
+        return httpx.Timeout(
+            connect=max(0.1, min(connect, remaining)), read=t.read, write=t.write, pool=t.pool
+        )
+
+    def _round(
+        self,
+        method: str,
+        path: str,
+        json: BaseModel | Any,
+        content: bytes | None,
+        params: Mapping[str, str | int | float] | None,
+        idempotent: bool,
+        timeout: httpx.Timeout | float | None,
+        stream: bool,
+        content_type: str | None,
+        *,
+        also: Sequence[str] = (),
+    ) -> httpx.Response:
+        """One pass of the seeds/004 loop over the masters (``also``: more to try last)."""
         if json is not None and content is not None:
             raise ValueError("give json or content, not both")
         if json is not None:
@@ -338,6 +343,7 @@ class RequestLoop:
         cmd = _Command(method.upper(), _api_path(path), body, headers, params, idempotent)
         preferred = self._preferred
         to_try = self._current_masters()
+        to_try += [m for m in also if m not in to_try]
         if not to_try:
             raise NoMasterAvailable(cmd.method, cmd.path, [])
         if preferred is not None:
@@ -556,8 +562,3 @@ class RequestLoop:
         response = self._request("GET", "/health", idempotent=True)
         body = _json_body(response)
         return body if isinstance(body, dict) else {"status": response.text}
-
-
-def _json_bytes(value: Any) -> bytes:
-    """Serialize a plain JSON value (compact, UTF-8)."""
-    return _jsonlib.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

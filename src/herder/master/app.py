@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,27 +34,34 @@ from herder.api_models import (
     BlobQuery,
     ClaimRequest,
     Completion,
+    ErrorBody,
     Heartbeat,
     JobSubmit,
     LogAppend,
 )
 from herder.core.rules import master_timeout_s
-from herder.errors import HerderError
+from herder.errors import DatabaseError, HerderError
 from herder.master import api_agents, api_jobs, api_masters
+from herder.master.cancels import CancelSender
 from herder.master.context import (
     ApiContext,
     MasterConfig,
+    database_error_response,
     default_master_id,
     error_response,
     validation_error,
 )
+from herder.master.dbhealth import DRIVER_ERRORS, LoopFailures
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.service import MasterService
 from herder.master.wake import Waker
-from herder.store import Store
+from herder.store import Store, dberrors
 from herder.store.store import MasterStatus
 
 log = logging.getLogger("herder.master")
+
+# /healthz waits this long for its database round trip.
+HEALTH_PROBE_S = 3.0
 
 # Bodies the hot routes parse themselves: added to the OpenAPI components.
 _SELF_PARSED = (
@@ -85,8 +93,16 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             except RuntimeError:  # the loop is closed: shutting down
                 pass
 
-    service = MasterService(store, recheck_interval_s=cfg.recheck_interval_s, on_work=_poke)
+    canceller = CancelSender()  # talkback cancels of a stopped job's attempts
+    service = MasterService(
+        store,
+        recheck_interval_s=cfg.recheck_interval_s,
+        on_work=_poke,
+        on_cancel=canceller.submit,
+    )
     call = ApiContext(service, stats, cfg, None).call
+    # Rounds of the background loops: one line per distinct failure, not one per round.
+    rounds = LoopFailures(log)
 
     async def _wake_targets(limit: int, exclude: Any) -> Any:
         return await call(store.wake_targets, limit, exclude)
@@ -143,18 +159,21 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
                 app.state.maintenance = stats.maintenance = holding
                 if n:
                     stats.reaped += n
-            except Exception:  # keep reaping whatever one round did
-                stats.unhandled_exceptions += 1
-                log.exception("event=reap_failed")
+                pruned = store.pruned_total
+                stats.pruned_jobs, stats.pruned_blobs = pruned.jobs, pruned.blobs
+                stats.pruned_bytes = pruned.bytes
+                rounds.ok("reap")
+            except Exception as exc:  # keep reaping whatever one round did
+                rounds.failed("reap", exc, stats)
 
     async def directory_heartbeat() -> None:
         while True:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             try:
                 await call(_directory_write)
-            except Exception:  # the database may be away; the next beat tries again
-                stats.unhandled_exceptions += 1
-                log.exception("event=master_heartbeat_failed master=%s", cfg.master_id)
+                rounds.ok("master_heartbeat")
+            except Exception as exc:  # the database may be away; the next beat tries again
+                rounds.failed("master_heartbeat", exc, stats)
 
     async def ticker() -> None:
         # Work or results that no local wake-up announced (written through
@@ -168,21 +187,34 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             try:
                 if await call(store.has_claimable_work):
                     service.work.notify()
-            except Exception:
-                stats.unhandled_exceptions += 1
-                log.exception("event=recheck_failed")
+                rounds.ok("recheck")
+            except Exception as exc:
+                rounds.failed("recheck", exc, stats)
+
+    async def _recover_on_start() -> int:
+        # A database away at start is waited for (one line), not a crash: the
+        # master serves nothing until it has recovered, clients go elsewhere.
+        delay = 0.5
+        while True:
+            try:
+                return await call(store.reap)
+            except DatabaseError as exc:
+                rounds.failed("startup_recovery", exc, stats)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loop
         loop = asyncio.get_running_loop()
+        canceller.bind(loop)
         # Recovery on start (seeds/002): requeue unacknowledged offers and
         # expired leases before serving any claim (uvicorn accepts no request
         # before the lifespan's startup is done). This reap does not wait for
         # the maintenance lock: every requeue is a compare-and-set, so it is
         # safe next to another master's reaper, and the start-up must not wait
         # for a dead master's lock to time out.
-        requeued = await call(store.reap)
+        requeued = await _recover_on_start()
         log.info(
             "event=master_started requeued=%d dialect=%s master=%s",
             requeued,
@@ -191,9 +223,8 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
         )
         try:  # listed in the directory before the first request is served
             await call(_directory_write, True)
-        except Exception:
-            stats.unhandled_exceptions += 1
-            log.exception("event=master_heartbeat_failed master=%s", cfg.master_id)
+        except Exception as exc:
+            rounds.failed("master_heartbeat", exc, stats)
         log.info("event=master_directory master=%s url=%s role=%s", cfg.master_id, url, cfg.role)
         tasks = [
             asyncio.create_task(reaper()),
@@ -208,6 +239,8 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             assert waker is not None
             await waker.close()
+            await canceller.close()
+            service.close()
             try:  # hand maintenance over at once instead of after the TTL
                 await call(store.release_lock, cfg.master_id)
             except Exception:
@@ -242,6 +275,23 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     async def _herder_error(request: Request, exc: HerderError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.detail)
 
+    @app.exception_handler(DatabaseError)
+    async def _database_error(request: Request, exc: DatabaseError) -> JSONResponse:
+        # Logged once per outage by the health tracker (ApiContext.call), not per request.
+        return database_error_response(exc)
+
+    async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
+        # A database failure raised past the store (which classifies its own):
+        # answered the same way, never as a 500 with a traceback.
+        err = dberrors.herder_error(exc)
+        if err is None:  # not a database failure but a bug: the unhandled path, traceback
+            raise exc
+        stats.health.failed(err)
+        return database_error_response(err)
+
+    for driver_error in DRIVER_ERRORS:
+        app.add_exception_handler(driver_error, _driver_error)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc.errors())
@@ -268,6 +318,23 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
         return error_response(500, "internal", "internal error; see the master's log")
 
     # ---------------------------------------------------------------- routes
+
+    @app.get("/healthz", responses={503: {"model": ErrorBody}})
+    async def healthz() -> JSONResponse:
+        """Liveness with the database: 200 when a database round trip works (``"database":
+        "up"``, or ``"full"`` while writes fail for lack of space), else a busy deferral
+        (503) that says why (``"database": "down"``)."""
+        probe = ApiContext(service, stats, replace(cfg, db_timeout_s=HEALTH_PROBE_S), None)
+        try:
+            await probe.call(store.db_now)
+        except DatabaseError as exc:
+            return database_error_response(exc, database="down")
+        health = stats.health
+        if health.problem == "full":  # reads work, writes fail until space is freed
+            return JSONResponse(
+                {"status": "degraded", "database": "full", "message": health.message}
+            )
+        return JSONResponse({"status": "ok", "database": "up", "version": __version__})
 
     api_masters.register(app, ctx)
     api_jobs.register(app, ctx)

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from herder.api_models import ErrorBody
 from herder.core.rules import DEFAULT_MASTER_HEARTBEAT_S
-from herder.errors import HerderError
+from herder.errors import (
+    CommitOutcomeUnknown,
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseUnavailable,
+    HerderError,
+)
 from herder.master.metrics import MasterStats
 from herder.master.service import MasterService
 from herder.master.wake import WakeConfig
+from herder.store.tx import CallGuard, guarded_call
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -29,6 +41,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "busy deferral (database unavailable or busy)"},
+    507: {"model": ErrorBody, "description": "the database's disk is full"},
 }
 
 
@@ -62,6 +76,12 @@ class MasterConfig:
     # Talkback wake-ups (herder.master.wake): when work arrives, POST wake to
     # idle agents' talkback endpoints. Latency only; never needed for correctness.
     wake: WakeConfig = field(default_factory=WakeConfig)
+    # A store call that has not finished after this long is answered with a
+    # busy deferral (DESIGN §7: "a write waits longer than a configured time
+    # for the database"); the call itself finishes or fails in its thread.
+    # This is what bounds a request when the database hangs (a partition
+    # holds its connections open) instead of refusing.
+    db_timeout_s: float = 30.0
 
 
 @dataclass
@@ -76,7 +96,108 @@ class ApiContext:
         return self.service.store
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        """Run a store or service call in the thread pool, within ``cfg.db_timeout_s``.
+
+        Database failures (``herder.errors.DatabaseError``) are reported to
+        ``stats.health`` and re-raised for the error handlers. A call that
+        outlives the timeout is answered as busy and will not commit
+        afterwards (``CallGuard``); one caught sending its COMMIT is waited
+        for once more, then answered as of unknown outcome.
+        """
+        call = _GuardedCall(functools.partial(fn, *args, **kwargs))
+        timeout = self.cfg.db_timeout_s
+        try:
+            with anyio.move_on_after(timeout) as scope:
+                result: T = await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                loop = asyncio.get_running_loop()
+                if call.guard.abandon():
+                    call.outcome(loop).add_done_callback(self._abandoned_outcome)
+                    raise self._timed_out(timeout)
+                try:  # sending its COMMIT: the outcome is worth waiting for
+                    value, error = await asyncio.wait_for(call.outcome(loop), timeout)
+                except TimeoutError:
+                    raise CommitOutcomeUnknown(
+                        "the database did not confirm the commit within "
+                        f"{2 * timeout:g} s: the request may or may not have taken effect"
+                    ) from None
+                if error is not None:
+                    raise error
+                result = value
+        except DatabaseError as exc:
+            self.stats.health.failed(exc)
+            raise
+        self.stats.health.succeeded(wrote=call.guard.commits > 0)
+        return result
+
+    def _timed_out(self, timeout: float) -> DatabaseError:
+        health = self.stats.health
+        if health.problem == "unavailable":  # an outage already seen: say so
+            return DatabaseUnavailable(
+                f"database unavailable: no answer within {timeout:g} s ({health.message})"
+            )
+        return DatabaseBusy(f"database busy: no answer within {timeout:g} s")
+
+    def _abandoned_outcome(self, fut: asyncio.Future[tuple[Any, BaseException | None]]) -> None:
+        """A call answered as busy finished later: its failure still tells the health."""
+        _, error = fut.result()
+        if isinstance(error, DatabaseError):
+            self.stats.health.failed(error)
+        elif error is None:
+            self.stats.health.succeeded(wrote=False)
+
+
+class _GuardedCall:
+    """One store call in a worker thread, whose outcome a caller that stopped
+    waiting can still collect (``outcome``)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.guard = CallGuard()
+        self._lock = threading.Lock()
+        self._outcome: tuple[Any, BaseException | None] | None = None
+        self._waiter: asyncio.Future[tuple[Any, BaseException | None]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self) -> Any:  # in the worker thread
+        if self.guard.abandoned:  # it never got a thread in time: the caller is gone
+            exc = DatabaseBusy("database busy: the request was given up before it started")
+            self._settle((None, exc))
+            raise exc
+        try:
+            with guarded_call(self.guard):
+                value = self.fn()
+        except BaseException as exc:
+            self._settle((None, exc))
+            raise
+        self._settle((value, None))
+        return value
+
+    def _settle(self, outcome: tuple[Any, BaseException | None]) -> None:
+        with self._lock:
+            self._outcome = outcome
+            waiter, loop = self._waiter, self._loop
+        if waiter is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, waiter, outcome)
+
+    def outcome(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[tuple[Any, BaseException | None]]:
+        """A future of ``(value, exception)``, resolved when the call ends (on ``loop``)."""
+        fut: asyncio.Future[tuple[Any, BaseException | None]] = loop.create_future()
+        with self._lock:
+            if self._outcome is None:
+                self._waiter, self._loop = fut, loop
+                return fut
+            outcome = self._outcome
+        fut.set_result(outcome)
+        return fut
+
+
+def _resolve(fut: asyncio.Future[Any], outcome: Any) -> None:
+    if not fut.done():
+        fut.set_result(outcome)
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
@@ -85,11 +206,30 @@ def json_response(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, detail: object = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    detail: object = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"error": code, "message": message}
     if detail is not None:
         body["detail"] = detail
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def database_error_response(exc: DatabaseError, **extra: Any) -> JSONResponse:
+    """A database failure as the API answers it: a busy deferral (503), 507 or 504,
+    with ``Retry-After`` (DESIGN §7); ``extra`` fields join the body."""
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message, **extra}
+    if exc.detail is not None:
+        body["detail"] = exc.detail
+    return JSONResponse(
+        body,
+        status_code=exc.status,
+        headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+    )
 
 
 class BodyError(HerderError):

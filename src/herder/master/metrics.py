@@ -10,6 +10,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from herder.master.dbhealth import DatabaseHealth
+
 
 @dataclass
 class MasterStats:
@@ -21,11 +23,15 @@ class MasterStats:
     total_seconds: float = 0.0
     reaped: int = 0  # tasks requeued or failed by this master's maintenance
     maintenance: bool = False  # holds the maintenance lock now
+    pruned_jobs: int = 0  # finished jobs past retention this master pruned
+    pruned_blobs: int = 0  # unreferenced blobs it collected
+    pruned_bytes: int = 0  # ... and their size
     wake_rounds: int = 0  # talkback wake rounds that found idle agents (herder.master.wake)
     wakes_sent: int = 0  # talkback wake requests sent to agents
     wake_failures: int = 0  # ... that failed (unreachable, refused): latency only
     master_id: str = ""  # its id in the master directory
     url: str = ""  # the URL it advertises in the directory
+    health: DatabaseHealth = field(default_factory=DatabaseHealth)  # the database: up or lost
 
     @property
     def average_seconds(self) -> float:
@@ -51,6 +57,15 @@ class MasterStats:
             "# HELP herder_reaped_total Tasks this master's maintenance requeued or failed.",
             "# TYPE herder_reaped_total counter",
             f"herder_reaped_total {self.reaped}",
+            "# HELP herder_pruned_jobs_total Finished jobs past retention pruned here.",
+            "# TYPE herder_pruned_jobs_total counter",
+            f"herder_pruned_jobs_total {self.pruned_jobs}",
+            "# HELP herder_pruned_blobs_total Unreferenced blobs collected here.",
+            "# TYPE herder_pruned_blobs_total counter",
+            f"herder_pruned_blobs_total {self.pruned_blobs}",
+            "# HELP herder_pruned_bytes_total Bytes of the blobs collected here.",
+            "# TYPE herder_pruned_bytes_total counter",
+            f"herder_pruned_bytes_total {self.pruned_bytes}",
             "# HELP herder_maintenance_holder 1 while this master holds the maintenance lock.",
             "# TYPE herder_maintenance_holder gauge",
             f"herder_maintenance_holder {int(self.maintenance)}",
@@ -63,6 +78,12 @@ class MasterStats:
             "# HELP herder_wake_failures_total Talkback wake requests that failed (latency only).",
             "# TYPE herder_wake_failures_total counter",
             f"herder_wake_failures_total {self.wake_failures}",
+            "# HELP herder_database_up 0 while this master has lost its database.",
+            "# TYPE herder_database_up gauge",
+            f"herder_database_up {int(self.health.up)}",
+            "# HELP herder_database_failures_total Store calls the database failed.",
+            "# TYPE herder_database_failures_total counter",
+            f"herder_database_failures_total {self.health.failures}",
             "# HELP herder_start_time_seconds Unix time this master started.",
             "# TYPE herder_start_time_seconds gauge",
             f"herder_start_time_seconds {self.started_at:.3f}",

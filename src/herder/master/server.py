@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from herder.errors import DatabaseError
 from herder.master.app import MasterConfig, create_app
 from herder.store import Store
 
@@ -30,6 +31,8 @@ _CONFIG_ENV: dict[str, str] = {
     # The master directory: heartbeat interval and timeout (default 3 intervals).
     "HERDER_MASTER_HEARTBEAT_S": "heartbeat_interval_s",
     "HERDER_MASTER_TIMEOUT_S": "heartbeat_timeout_s",
+    # A store call answered as busy after this long (the database hangs).
+    "HERDER_DB_TIMEOUT_S": "db_timeout_s",
 }
 
 
@@ -93,13 +96,17 @@ def serve(
     access_log: bool = False,
     advertise_url: str | None = None,
 ) -> None:
-    store = Store.open(
-        db_url,
-        migrate=True,
-        lease_s=lease_s,
-        ack_timeout_s=ack_timeout_s,
-        **store_options_from_env(),
-    )
+    try:
+        store = Store.open(
+            db_url,
+            migrate=True,
+            lease_s=lease_s,
+            ack_timeout_s=ack_timeout_s,
+            **store_options_from_env(),
+        )
+    except DatabaseError as exc:  # a clear message and exit status 1, not a traceback
+        log.error("event=master_start_failed error=%r", exc.message)
+        raise SystemExit(f"herder master: {exc.message}") from None
     if config is None:
         config = MasterConfig()
         # Stable across restarts on the same address: a master restarted after

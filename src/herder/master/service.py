@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         JobView,
     )
     from herder.store import ClaimOutcome, Store
+    from herder.store.stops import CancelledAttempt
 
 log = logging.getLogger("herder.master")
 
@@ -56,6 +57,7 @@ class MasterService:
         *,
         recheck_interval_s: float = 1.0,
         on_work: Callable[[], None] | None = None,
+        on_cancel: Callable[[Sequence[CancelledAttempt]], None] | None = None,
     ) -> None:
         self.store = store
         self.recheck_interval_s = recheck_interval_s
@@ -63,6 +65,13 @@ class MasterService:
         self.changed = Signal()  # task states changed: followers look again
         self.stopping = False
         self._on_work = on_work
+        # Attempts cancelled while offered or running (a job failed or was
+        # cancelled): tell their agents to kill them now, e.g. talkback cancel
+        # (herder.master.cancels) or the embedded farm's in-process agent. The
+        # store announces them after each commit, whatever transaction it was.
+        self._on_cancel = on_cancel
+        if on_cancel is not None:
+            store.add_cancel_listener(self._attempts_cancelled)
         # Agents with a claim parked here (their wake-up is the work signal).
         self.parked: dict[str, int] = {}
         self._parked_lock = threading.Lock()
@@ -72,6 +81,22 @@ class MasterService:
         self.stopping = True
         self.work.notify()
         self.changed.notify()
+
+    def close(self) -> None:
+        """Stop hearing of the store's cancels (the store may outlive this service)."""
+        if self._on_cancel is not None:
+            self.store.remove_cancel_listener(self._attempts_cancelled)
+
+    def _attempts_cancelled(self, cancelled: Sequence[CancelledAttempt]) -> None:
+        """After a commit that cancelled offered or running attempts (never blocks)."""
+        log.info(
+            "event=attempts_cancelled count=%d agents=%d",
+            len(cancelled),
+            len({c.agent_id for c in cancelled}),
+        )
+        self.changed.notify()
+        if self._on_cancel is not None:
+            self._on_cancel(cancelled)
 
     def work_arrived(self) -> None:
         self.work.notify()
@@ -145,7 +170,7 @@ class MasterService:
 
             agent = store.get_agent(agent_id)  # NotFound for an unknown agent
             return ClaimOutcome(drain=agent.state == "draining")
-        out = store.claim(agent_id, max_tasks, completions, acks)
+        out = store.claim(agent_id, self._fair_share(agent_id, max_tasks), completions, acks)
         if out.woke:
             self.work_arrived()
         if completions or acks or out.offers:
@@ -173,6 +198,19 @@ class MasterService:
                 nxt = self.claim_once(agent_id, req.max_tasks)
                 out.offers, out.drain = nxt.offers, nxt.drain
         return out
+
+    def _fair_share(self, agent_id: str, max_tasks: int) -> int:
+        """Leave idle agents their share: with ``n`` other agents parked here, claim 1/(n+1).
+
+        An agent asks for its free slots plus a claim-ahead window (DESIGN §10);
+        taken whole, a stage of short tasks that just unblocked would all go to
+        the agent whose completion unblocked it while the others sit parked.
+        """
+        if max_tasks <= 1:
+            return max_tasks
+        with self._parked_lock:
+            others = len(self.parked) - (agent_id in self.parked)
+        return -(-max_tasks // (others + 1)) if others > 0 else max_tasks
 
     @contextlib.contextmanager
     def parking(self, agent_id: str) -> Iterator[None]:
@@ -212,6 +250,8 @@ class MasterService:
         if n:
             self.work_arrived()
             self.changed.notify()
+        if n is not None:  # the lock holder also prunes (retention), when a round is due
+            self.store.prune_due(holder, ttl_s)
         return n
 
     def job_over(self, job_id: int) -> bool:

@@ -1,8 +1,17 @@
-"""Content-addressed blobs (sha256), and the small ones that travel inline."""
+"""Content-addressed blobs (sha256), and the small ones that travel inline.
+
+A blob's ``created_at`` is when it was stored or, at most an hour stale, when
+a client was last told the store has it (``missing_blobs``, ``put_blob``, an
+inline blob stored again): a client that skips an upload because the blob is
+there submits the job that references it soon after, and the collector
+(herder.store.retention) keeps every blob younger than its grace period.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -19,6 +28,10 @@ from herder.store.schema import (
     blobs,
 )
 from herder.store.tx import StoreBase, _Tx
+
+# How stale a blob's created_at may get before a client's look-up refreshes it
+# (a write); the collector's grace (hours) must be well above it.
+BLOB_TOUCH_AFTER_S = 3600.0
 
 
 class BlobsMixin(StoreBase):
@@ -46,23 +59,63 @@ class BlobsMixin(StoreBase):
             {"digest": d, "size": len(data), "data": data, "created_at": t.now}
             for d, data in found.items()
         ]
-        t.conn.execute(self._insert_ignore(blobs), rows)
+        if self._is_pg:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt: Any = insert(blobs)
+        # Known ones are left as they are, unless stale: then the completion that
+        # references them refreshes their grace (a collector may be looking at them).
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[blobs.c.digest],
+            set_={"created_at": stmt.excluded.created_at},
+            where=blobs.c.created_at < t.now - timedelta(seconds=BLOB_TOUCH_AFTER_S),
+        )
+        t.conn.execute(stmt, rows)
 
     def missing_blobs(self, digests: Sequence[str]) -> list[str]:
-        wanted = list(dict.fromkeys(digests))
+        """Those of ``digests`` the store lacks; the others' grace is refreshed if stale.
 
-        def q(conn: Connection) -> list[str]:
-            have: set[str] = set()
+        The refresh is a compare-and-set in its own write: a blob the collector
+        deleted meanwhile is not refreshed, and is reported missing.
+        """
+        wanted = list(dict.fromkeys(digests))
+        if not wanted:
+            return []
+
+        def q(conn: Connection) -> tuple[dict[str, datetime], datetime]:
+            have: dict[str, datetime] = {}
             for i in range(0, len(wanted), _BLOB_QUERY_BATCH):
                 batch = wanted[i : i + _BLOB_QUERY_BATCH]
-                have.update(
-                    conn.execute(
-                        sa.select(blobs.c.digest).where(blobs.c.digest.in_(batch))
-                    ).scalars()
-                )
-            return [d for d in wanted if d not in have]
+                for digest, at in conn.execute(
+                    sa.select(blobs.c.digest, blobs.c.created_at).where(blobs.c.digest.in_(batch))
+                ):
+                    have[digest] = at
+            return have, self._now_fn(conn)
 
-        return self._read(q) if wanted else []
+        have, now = self._read(q)
+        stale_before = now - timedelta(seconds=BLOB_TOUCH_AFTER_S)
+        stale = sorted(d for d, at in have.items() if at < stale_before)
+        if stale:
+            kept = self._write(lambda t: self._touch_blobs(t, stale))
+            for d in stale:
+                if d not in kept:
+                    del have[d]
+        return [d for d in wanted if d not in have]
+
+    def _touch_blobs(self, t: _Tx, digests: Sequence[str]) -> set[str]:
+        """Refresh the grace of existing blobs; the digests still there."""
+        kept: set[str] = set()
+        for i in range(0, len(digests), _BLOB_QUERY_BATCH):
+            kept.update(
+                t.conn.execute(
+                    sa.update(blobs)
+                    .where(blobs.c.digest.in_(digests[i : i + _BLOB_QUERY_BATCH]))
+                    .values(created_at=t.now)
+                    .returning(blobs.c.digest)
+                ).scalars()
+            )
+        return kept
 
     def put_blob(self, digest: str, data: bytes) -> tuple[int, bool]:
         """Store a blob under its sha256; ``(size, created)``. Raises DigestMismatch."""

@@ -41,6 +41,7 @@ from herder.store.schema import (
     tasks,
 )
 from herder.store.sql import AttemptRow
+from herder.store.stops import job_not_over
 from herder.store.tx import _Tx
 
 _SUCCEED_SOURCES = frozenset(s.value for s in TASK_SOURCES[TaskEvent.SUCCEED])
@@ -245,10 +246,14 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
                     self._sql.task_succeed, (t.at, t.at, row.task_id, row.number, row.task_state)
                 ).fetchone()
             else:
+                if values["state"] == TaskState.QUEUED.value:
+                    guard.append(job_not_over())  # a terminal job's task is never requeued
                 done = t.conn.execute(
                     sa.update(tasks).where(*guard).values(**values).returning(tk.state)
                 ).first()
             if done is None:
+                if values["state"] == TaskState.QUEUED.value:
+                    self._stop_if_over(t, row.job_id)
                 return stale
             new_state = done[0]
             event = decision.event if decision else self._event_for(c, row.task_state, new_state)

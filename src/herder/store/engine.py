@@ -7,7 +7,8 @@ timeout, and SQLAlchemy (not the sqlite3 module) emits ``BEGIN``: a plain
 lock up front instead of failing on upgrade from a read lock.
 
 PostgreSQL: ``postgresql+psycopg://`` (plain ``postgresql://`` is rewritten),
-a pool of 10 + 10 connections by default.
+a pool of 10 + 10 connections by default, with timeouts that turn a server
+gone away into errors (``herder.store.dberrors`` classifies them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 5
+PG_POOL_TIMEOUT_S = 10.0
 _PG_MIGRATION_LOCK = 0x6865726472  # pg_advisory_xact_lock key: "herdr"
 
 # One writer lock per SQLite file per process, shared by every Store on it.
@@ -64,9 +67,33 @@ def make_engine(u: sa.URL, *, pool_size: int = 10, max_overflow: int = 10) -> En
         pool_size=pool_size,
         max_overflow=max_overflow,
         # No pre-ping (a round trip per checkout on the hot path): a dead pooled
-        # connection invalidates the pool and the store retries the transaction.
+        # connection invalidates the pool (SQLAlchemy drops every connection
+        # older than the failure) and the store retries the transaction
+        # (herder.store.tx), so a restarted server costs one failed statement.
         pool_recycle=3600,
+        # A request waits this long for a free connection, then is deferred.
+        pool_timeout=PG_POOL_TIMEOUT_S,
+        connect_args=_pg_connect_args(u),
     )
+
+
+def _pg_connect_args(u: sa.URL) -> dict[str, Any]:
+    """libpq settings that make a lost server an error instead of a hang.
+
+    ``connect_timeout`` bounds a connect to a host that does not answer;
+    keepalives and ``tcp_user_timeout`` bound how long a connection whose
+    peer vanished (a network partition) looks alive. Settings in the URL's
+    query win.
+    """
+    wanted: dict[str, Any] = {
+        "connect_timeout": PG_CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 20_000,
+    }
+    return {k: v for k, v in wanted.items() if k not in u.query}
 
 
 def _sqlite_engine(u: sa.URL) -> Engine:
@@ -114,7 +141,7 @@ def _sqlite_engine(u: sa.URL) -> Engine:
 # The newest migration's revision. A store that is already there starts without
 # importing Alembic at all (a third of `herder run`'s start-up otherwise);
 # tests/integration/test_migrations.py checks that it names Alembic's head.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 
 def current_revision(conn: Connection) -> str | None:

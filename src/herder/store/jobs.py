@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -29,8 +29,7 @@ from herder.core.states import (
 from herder.errors import NotFound
 from herder.store import views
 from herder.store.common import (
-    _ACTIVE,
-    _ACTIVE_ATTEMPT_SQL,
+    _CLAIMABLE_JOB_STATES,
     SubmittedJob,
 )
 from herder.store.schema import (
@@ -40,12 +39,13 @@ from herder.store.schema import (
     tasks,
 )
 from herder.store.sql import _TASK_COLUMNS
-from herder.store.tx import StoreBase, _Tx
+from herder.store.stops import StopsMixin
+from herder.store.tx import _Tx
 
 T = TypeVar("T")
 
 
-class JobsMixin(StoreBase):
+class JobsMixin(StopsMixin):
     """Part of :class:`herder.store.Store`: jobs and their stages."""
 
     def submit(self, spec: JobSubmit) -> SubmittedJob:
@@ -242,14 +242,21 @@ class JobsMixin(StoreBase):
         return self._read(q)
 
     def cancel_job(self, job_id: int, reason: str = "cancelled by user") -> JobView:
+        """Cancel the job and every live task of it (running attempts too), in one transaction.
+
+        A job that is already terminal keeps its state; whatever of it is still
+        live (a database from before jobs stopped at once) is cancelled too.
+        """
+
         def tx(t: _Tx) -> None:
-            state = t.conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            state = self._lock_job(t, job_id)
             if state is None:
                 raise NotFound(f"job {job_id} not found")
             if state in JOB_TERMINAL:
+                self._stop_tasks(t, job_id, f"job already {state}: {reason}")
                 return
             self._job_transition(t, job_id, JobEvent.CANCEL, reason)
-            self._cancel_tasks(t, tasks.c.job_id == job_id, TASK_SOURCES[TaskEvent.CANCEL], reason)
+            self._stop_tasks(t, job_id, reason)
 
         self._write(tx)
         return self.get_job(job_id)
@@ -283,55 +290,10 @@ class JobsMixin(StoreBase):
         )
         return True
 
-    def _cancel_tasks(
-        self, t: _Tx, where: Any, from_states: Iterable[TaskState], reason: str
-    ) -> int:
-        """Cancel the matching tasks in the given source states (one UPDATE per source)."""
-        n = 0
-        target = task_target(TaskEvent.CANCEL).value
-        for src in from_states:
-            assert src in TASK_SOURCES[TaskEvent.CANCEL]
-            rows = t.conn.execute(
-                sa.update(tasks)
-                .where(where, tasks.c.state == src.value)
-                .values(state=target, updated_at=t.now, finished_at=t.now)
-                .returning(tasks.c.id, tasks.c.job_id, tasks.c.agent_id)
-            ).all()
-            attempt_of: dict[int, int] = {}
-            if src.value in _ACTIVE and rows:
-                ids = [r.id for r in rows]
-                attempt_of = {
-                    task_id: attempt_id
-                    for attempt_id, task_id in t.conn.execute(
-                        sa.update(attempts)
-                        .where(attempts.c.task_id.in_(ids), sa.text(_ACTIVE_ATTEMPT_SQL))
-                        .values(state="cancelled", finished_at=t.now, error=reason)
-                        .returning(attempts.c.id, attempts.c.task_id)
-                    )
-                }
-            for r in rows:
-                t.event(
-                    f"task.{TaskEvent.CANCEL.value}",
-                    job_id=r.job_id,
-                    task_id=r.id,
-                    attempt_id=attempt_of.get(r.id),
-                    agent_id=r.agent_id if src.value in _ACTIVE else None,
-                    from_state=src.value,
-                    to_state=target,
-                    reason=reason,
-                )
-            n += len(rows)
-        return n
-
     def _fail_job(self, t: _Tx, job_id: int, reason: str) -> None:
-        """A task failed for good: fail the job, cancel its queued and blocked tasks."""
+        """A task failed for good: fail the job and stop all its work (DESIGN §2)."""
         self._job_transition(t, job_id, JobEvent.FAIL, reason)
-        self._cancel_tasks(
-            t,
-            tasks.c.job_id == job_id,
-            (TaskState.BLOCKED, TaskState.QUEUED),
-            f"job failed: {reason}",
-        )
+        self._stop_tasks(t, job_id, f"job failed: {reason}")
 
     def _flush_stages(self, t: _Tx) -> None:
         """Count the transaction's successes against their stages (sorted: one lock order)."""
@@ -396,10 +358,21 @@ class JobsMixin(StoreBase):
         return self._read(q)
 
     def has_claimable_work(self) -> bool:
-        """Whether any remote task is queued: one probe of the claim index."""
+        """Whether a remote task of a queued or running job is queued: one probe of the claim index.
+
+        Queued tasks of other jobs (paused, or terminal in a database from
+        before jobs stopped at once) are not work: counting them would wake
+        every parked claim each recheck for nothing.
+        """
         stmt = (
             sa.select(tasks.c.id)
-            .where(tasks.c.state == TaskState.QUEUED.value, tasks.c.placement == "remote")
+            .where(
+                tasks.c.state == TaskState.QUEUED.value,
+                tasks.c.placement == "remote",
+                sa.exists().where(
+                    jobs.c.id == tasks.c.job_id, jobs.c.state.in_(_CLAIMABLE_JOB_STATES)
+                ),
+            )
             .limit(1)
         )
         return self._read(lambda c: c.execute(stmt).first() is not None)

@@ -38,6 +38,7 @@ from herder.store.schema import (
     maintenance_lock,
     tasks,
 )
+from herder.store.stops import job_not_over
 from herder.store.tx import _Tx
 
 
@@ -165,11 +166,15 @@ class LeasesMixin(ClaimsMixin):
                 tk.state.in_([s.value for s in TASK_SOURCES[TaskEvent.LEASE_EXPIRED]]),
                 tk.failures == row.failures,
                 tk.infra_failures == row.infra_failures,
+                # A terminal job's task is never requeued (herder.store.stops).
+                job_not_over() if d.retry else sa.true(),
             )
             .values(**values, updated_at=t.now)
             .returning(tk.state)
         ).first()
         if done is None:
+            if d.retry:
+                self._stop_if_over(t, row.job_id)
             return None
         t.conn.execute(
             sa.update(attempts)
@@ -289,11 +294,13 @@ class LeasesMixin(ClaimsMixin):
                     tasks.c.id == row.task_id,
                     tasks.c.attempt_count == row.number,
                     tasks.c.state.in_([s.value for s in TASK_SOURCES[TaskEvent.OFFER_EXPIRED]]),
+                    job_not_over(),
                 )
                 .values(state=target, agent_id=None, updated_at=t.now)
                 .returning(tasks.c.id)
             ).first()
             if done is None:
+                self._stop_if_over(t, row.job_id)
                 continue
             reason = "offer not acknowledged in time"
             t.conn.execute(

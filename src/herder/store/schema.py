@@ -76,6 +76,9 @@ jobs = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.Index("ix_jobs_state_id", "state", "id"),
+    # Retention (herder.store.retention): finished jobs oldest first; only a
+    # finished job has finished_at, and the state check reads the index alone.
+    sa.Index("ix_jobs_finished_at_state", "finished_at", "state"),
 )
 
 stages = sa.Table(
@@ -228,6 +231,9 @@ maintenance_lock = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
 )
 
+# created_at: when the blob was stored, or last reported present to a client
+# (herder.store.blobs): the collector's grace for uploads that no job
+# references yet runs from it.
 blobs = sa.Table(
     "blobs",
     metadata,
@@ -235,6 +241,7 @@ blobs = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_blobs_created_at", "created_at"),
 )
 
 events = sa.Table(

@@ -13,8 +13,9 @@ Rules (DESIGN §2, §5, §10):
 
 ``Store`` is composed of mixins, one module per thing it owns: ``tx``
 (transactions, the clock), ``jobs``, ``claims``, ``completions``, ``leases``
-(heartbeats, reaper, locks), ``agents``, ``masters`` (the directory),
-``blobs``, ``logs`` (events and logs) and, when present, ``results``.
+(heartbeats, reaper, locks), ``retention`` (pruning under the maintenance
+lock), ``agents``, ``masters`` (the directory), ``blobs``, ``logs`` (events
+and logs) and, when present, ``results``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from herder.store.agents import AgentsMixin
 from herder.store.common import REAPER_LOCK, ClaimOutcome, MasterStatus, SubmittedJob, WakeTarget
 from herder.store.leases import LeasesMixin
 from herder.store.masters import MastersMixin
+from herder.store.retention import PruneReport, RetentionMixin, RetentionPolicy
 
 try:
     from herder.store.results import ResultsMixin
@@ -32,8 +34,17 @@ except ImportError:  # pragma: no cover - the results module is optional
         pass
 
 
-__all__ = ["REAPER_LOCK", "ClaimOutcome", "MasterStatus", "Store", "SubmittedJob", "WakeTarget"]
+__all__ = [
+    "REAPER_LOCK",
+    "ClaimOutcome",
+    "MasterStatus",
+    "PruneReport",
+    "RetentionPolicy",
+    "Store",
+    "SubmittedJob",
+    "WakeTarget",
+]
 
 
-class Store(LeasesMixin, AgentsMixin, MastersMixin, ResultsMixin):
+class Store(RetentionMixin, LeasesMixin, AgentsMixin, MastersMixin, ResultsMixin):
     """Synchronous, thread-safe access to the farm's database."""

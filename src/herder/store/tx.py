@@ -25,13 +25,69 @@ from herder.core.rules import (
     PlacementPolicy,
     RetryPolicy,
 )
+from herder.errors import DatabaseBusy
+from herder.store import dberrors
 from herder.store import engine as _engine
 from herder.store.common import (
     _MAX_TX_RETRIES,
 )
+from herder.store.dberrors import DbFailure
 from herder.store.sql import HotSql
 
 T = TypeVar("T")
+
+_READ_RETRIES = 3
+
+
+class CallGuard:
+    """Lets the caller of a store call stop waiting without the call committing later.
+
+    The master runs each store call in a worker thread and answers busy when
+    it takes too long (``herder.master.context``); the call may still be
+    waiting for a connection. ``abandon`` tells it to roll back instead of
+    committing; it fails (returns False) once a COMMIT is being sent or was
+    sent, and the caller must then wait for the outcome. Set for a thread
+    with ``guarded_call``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._committing = False
+        self.abandoned = False
+        self.commits = 0  # write transactions of the call that committed
+
+    def abandon(self) -> bool:
+        with self._lock:
+            if self._committing or self.commits:  # something is (or may be) in already
+                return False
+            self.abandoned = True
+            return True
+
+    def begin_commit(self) -> bool:
+        with self._lock:
+            if self.abandoned:
+                return False
+            self._committing = True
+            return True
+
+    def end_commit(self, committed: bool) -> None:
+        with self._lock:
+            self._committing = False
+            self.commits += committed
+
+
+_guards = threading.local()
+
+
+@contextlib.contextmanager
+def guarded_call(guard: CallGuard) -> Iterator[None]:
+    """Store transactions of this thread check ``guard`` before they commit."""
+    previous = getattr(_guards, "current", None)
+    _guards.current = guard
+    try:
+        yield
+    finally:
+        _guards.current = previous
 
 
 @dataclass
@@ -83,13 +139,22 @@ def _pg_now(conn: Connection) -> datetime:
     return value.astimezone(UTC)
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    if exc.connection_invalidated:  # a pooled connection died (server restart): retry once more
+def _retryable(exc: DBAPIError, elapsed_s: float) -> bool:
+    """A transaction worth running again at once (nothing of it was committed)."""
+    kind = dberrors.classify(exc)
+    if kind is DbFailure.SERIALIZATION:
         return True
-    code = getattr(exc.orig, "sqlstate", None)
-    if code in ("40001", "40P01"):  # serialization failure, deadlock detected
+    if exc.connection_invalidated:
+        # A pooled connection that died (a server restart): the pool is
+        # invalidated with it, the next try connects afresh, and fails fast
+        # (connection refused) if the server is really gone.
         return True
-    return "database is locked" in str(exc.orig)
+    if kind is DbFailure.BUSY and "database is locked" in str(exc.orig):
+        # Locked well before the busy timeout ran out (SQLite skips its busy
+        # handler in some lock upgrades): worth another try. Locked after the
+        # busy timeout is a busy deferral, not minutes more of waiting.
+        return elapsed_s < _engine.SQLITE_BUSY_TIMEOUT_MS / 2000
+    return False
 
 
 class StoreBase:
@@ -171,8 +236,11 @@ class StoreBase:
         return self._engine
 
     def migrate(self, revision: str = "head") -> None:
-        with self._write_conn() as conn, conn.begin():
-            _engine.upgrade(conn, revision)
+        try:
+            with self._write_conn() as conn, conn.begin():
+                _engine.upgrade(conn, revision)
+        except (DBAPIError, sa.exc.TimeoutError) as exc:
+            raise self._database_error(exc) from exc
 
     @contextlib.contextmanager
     def _write_conn(self) -> Iterator[Connection]:
@@ -181,11 +249,19 @@ class StoreBase:
             yield conn
 
     def _write(self, fn: Callable[[_Tx], T]) -> T:
-        """Run ``fn`` in one write transaction; retried on deadlock/serialization failure."""
+        """Run ``fn`` in one write transaction; retried on deadlock/serialization failure.
+
+        Database failures leave as ``herder.errors.DatabaseError`` (classified
+        by ``herder.store.dberrors``); the transaction is rolled back. A
+        connection lost during COMMIT is never retried here: the server may
+        have committed, so it is reported as ``CommitOutcomeUnknown``.
+        """
         sql = self._sql
         for attempt in range(_MAX_TX_RETRIES):
+            started = time.monotonic()
+            committing = False
             try:
-                with self._write_conn() as conn, conn.begin():
+                with self._write_conn() as conn, conn.begin() as trans:
                     try:
                         cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
                         now = self._raw_now(cur)
@@ -194,16 +270,43 @@ class StoreBase:
                         self._finish(tx)
                     except self._driver_error as exc:  # raised by hot-path SQL on the raw cursor
                         raise self._wrap_driver_error(exc, conn) from exc
-                for callback in tx.after_commit:
-                    callback()
-                return result
+                    guard: CallGuard | None = getattr(_guards, "current", None)
+                    if guard is not None and not guard.begin_commit():
+                        raise DatabaseBusy(
+                            "database busy: the request was given up before it committed"
+                        )
+                    committing = True
+                    committed = False
+                    try:
+                        trans.commit()
+                        committed = True
+                    finally:
+                        if guard is not None:
+                            guard.end_commit(committed)
             except DBAPIError as exc:
-                if isinstance(exc, IntegrityError) or not _retryable(exc):
+                if isinstance(exc, IntegrityError):
                     raise
-                if attempt == _MAX_TX_RETRIES - 1:
-                    raise
+                if committing and self._is_pg and dberrors.is_disconnect(exc):
+                    raise self._database_error(exc, committing=True) from exc
+                if (
+                    attempt == _MAX_TX_RETRIES - 1
+                    or not _retryable(exc, time.monotonic() - started)
+                    or getattr(getattr(_guards, "current", None), "abandoned", False)
+                ):
+                    raise self._database_error(exc) from exc
                 time.sleep(0.005 * (2**attempt) * (0.5 + secrets.randbelow(1000) / 1000))
+                continue
+            except sa.exc.TimeoutError as exc:  # no pooled connection came free
+                raise self._database_error(exc) from exc
+            for callback in tx.after_commit:
+                callback()
+            return result
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _database_error(exc: Exception, *, committing: bool = False) -> Exception:
+        """``exc`` as a domain error when it is a known database failure, else itself."""
+        return dberrors.herder_error(exc, committing=committing) or exc
 
     def _wrap_driver_error(self, exc: Exception, conn: Connection) -> DBAPIError:
         """A driver exception as SQLAlchemy would have raised it (IntegrityError, invalidation)."""
@@ -255,8 +358,20 @@ class StoreBase:
         raise NotImplementedError
 
     def _read(self, fn: Callable[[Connection], T]) -> T:
-        with self._rlock, self._engine.connect() as conn, conn.begin():
-            return fn(conn)
+        """Run ``fn`` in a read transaction; failures as in ``_write``."""
+        for attempt in range(_READ_RETRIES):
+            try:
+                with self._rlock, self._engine.connect() as conn, conn.begin():
+                    return fn(conn)
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError):
+                    raise
+                # A read changes nothing: retried after a dead pooled connection.
+                if attempt == _READ_RETRIES - 1 or not _retryable(exc, 0.0):
+                    raise self._database_error(exc) from exc
+            except sa.exc.TimeoutError as exc:
+                raise self._database_error(exc) from exc
+        raise AssertionError("unreachable")
 
     def _now_fn(self, conn: Connection) -> datetime:
         return self._db_clock(conn) + self._clock_offset

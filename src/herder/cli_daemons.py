@@ -1,0 +1,242 @@
+"""The CLI's long-running processes: ``herder master`` and ``herder agent``.
+
+Kept apart from ``herder.cli`` (the client commands) so each module stays
+readable; ``herder.cli`` registers both on its group. Helpers shared with the
+client commands live in ``herder.cli_common``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from herder.cli_common import Exit, _fail, _masters, _parse_listen
+
+
+@click.command()
+@click.option(
+    "--db",
+    envvar="HERDER_DB",
+    default="sqlite:///herder.db",
+    help="Database URL: sqlite:///path.db or postgresql+psycopg://user@host/db",
+)
+@click.option("--listen", default="127.0.0.1:6240", help="HOST:PORT to listen on.")
+@click.option("--lease", type=float, default=30.0, help="Lease length in seconds.")
+@click.option("--ack-timeout", type=float, default=30.0, help="Seconds an offer waits for its ack.")
+@click.option("--log-level", default="info", help="debug, info, warning, error")
+@click.option(
+    "--advertise-url",
+    envvar="HERDER_ADVERTISE_URL",
+    default=None,
+    help="The URL agents use to reach this master, listed in the master directory "
+    "(default: http://<listen host>:<port>).",
+)
+@click.option(
+    "--retention",
+    envvar="HERDER_RETENTION",
+    default="14d",
+    help="Prune finished jobs (and blobs nothing references) this long after they finish: "
+    "90s, 30m, 12h, 14d, 2w; 0 or off keeps everything.",
+)
+def master(
+    db: str,
+    listen: str,
+    lease: float,
+    ack_timeout: float,
+    log_level: str,
+    advertise_url: str | None,
+    retention: str,
+) -> None:
+    """Run a master: the HTTP API over the job queue in the database."""
+    from herder.logsetup import setup_logging
+    from herder.master.server import serve
+
+    setup_logging(log_level)
+    host, port = _parse_listen(listen)
+    from herder.store.retention import RETENTION_ENV, parse_retention
+
+    try:
+        parse_retention(retention)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--retention") from None
+    os.environ[RETENTION_ENV] = retention  # the store's policy reads it (RetentionPolicy.from_env)
+    if advertise_url is not None:
+        from herder.master.server import normalize_advertise_url
+
+        try:
+            advertise_url = normalize_advertise_url(advertise_url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--advertise-url") from None
+    serve(db, host, port, lease_s=lease, ack_timeout_s=ack_timeout, advertise_url=advertise_url)
+
+
+@click.command()
+@click.option(
+    "--master",
+    "-m",
+    envvar="HERDER_MASTER",
+    default=None,
+    help="Master URL(s), comma-separated, tried first in this order "
+    "(default: http://127.0.0.1:6240 unless --dns-name is given).",
+)
+@click.option(
+    "--slots", type=click.IntRange(min=0), default=0, help="Tasks run at once (0: CPU count)."
+)
+@click.option("--tags", default="", help="Comma-separated tags this agent offers.")
+@click.option("--name", default=None, help="Agent name (default: hostname).")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the agent keeps its id, blob cache and sandboxes.",
+)
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=30.0,
+    help="Seconds to let running tasks finish on SIGTERM.",
+)
+@click.option("--log-level", default="info", help="debug, info, warning, error")
+@click.option(
+    "--talkback",
+    default="127.0.0.1:0",
+    help="HOST:PORT of the agent's talkback endpoint (port 0: any free port); 'off': none.",
+)
+@click.option(
+    "--talkback-token",
+    default=None,
+    help="Bearer token of the talkback endpoint (default: random per start).",
+)
+@click.option(
+    "--dns-name",
+    default=None,
+    help="DNS alias of the masters: SRV _herder._tcp.NAME, else its A/AAAA records "
+    "(port 6240). Tried after --master.",
+)
+@click.option(
+    "--resolver", default=None, help="HOST:PORT of the DNS server to ask (default: the system's)."
+)
+@click.option(
+    "--srv/--no-srv",
+    default=None,
+    help="Only SRV records (--srv) or only A/AAAA (--no-srv); default: SRV, then A/AAAA.",
+)
+@click.option(
+    "--backoff-max",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    help="Cap (seconds) of the exponential backoff when every master is down.",
+)
+@click.option(
+    "--self-assign/--no-self-assign",
+    default=False,
+    help="When every master is down, claim work from the database itself (needs --db).",
+)
+@click.option(
+    "--db",
+    envvar="HERDER_AGENT_DB",
+    default=None,
+    help="The farm's database URL, for self-assignment (autonomous mode).",
+)
+@click.option(
+    "--return-policy",
+    default="per-task",
+    help="Autonomous → master mode: per-task (probe the masters before each claim), "
+    "interval:SECONDS, or never (until talkback `mode` or SIGUSR1).",
+)
+@click.option(
+    "--claim-ahead",
+    type=click.IntRange(min=0),
+    envvar="HERDER_CLAIM_AHEAD",
+    default=None,
+    help="Offers claimed beyond the slots while tasks are short (DESIGN §10); "
+    "0: off (default: 32 times slots, at most 64).",
+)
+@click.option(
+    "--rehome",
+    type=float,
+    default=60.0,
+    help="Every this many seconds start again from the first master candidate "
+    "(moves back to the first --master once it returns); 0: never.",
+)
+def agent(
+    master: str | None,
+    slots: int,
+    tags: str,
+    name: str | None,
+    state_dir: Path | None,
+    drain_timeout: float,
+    log_level: str,
+    talkback: str,
+    talkback_token: str | None,
+    dns_name: str | None,
+    resolver: str | None,
+    srv: bool | None,
+    backoff_max: float,
+    self_assign: bool,
+    db: str | None,
+    return_policy: str,
+    claim_ahead: int | None,
+    rehome: float,
+) -> None:
+    """Run an agent: claim tasks from the masters and run them in sandboxes.
+
+    Masters come from --master, then --dns-name (via --resolver), then the master
+    directory. With --self-assign and --db the agent claims from the database
+    while every master is down; SIGUSR1 (or talkback `mode`) sends it back.
+    """
+    from herder.agent.daemon import AgentConfig, run_agent
+    from herder.logsetup import setup_logging
+
+    setup_logging(log_level)
+    from herder.agent.autonomous import ReturnPolicy
+
+    if self_assign and not db:
+        _fail("--self-assign needs --db (the farm's database URL)")
+    try:
+        ReturnPolicy.parse(return_policy)
+    except ValueError as exc:
+        _fail(f"--return-policy: {exc}")
+    if master is None and not dns_name:
+        master = "http://127.0.0.1:6240"
+    kwargs: dict[str, Any] = {
+        "masters": _masters(master) if master else [],
+        "dns_name": dns_name,
+        "resolver": resolver,
+        "srv": srv,
+        "backoff_max_s": backoff_max,
+        "self_assign": self_assign,
+        "db_url": db,
+        "return_policy": return_policy,
+        "rehome_s": rehome,
+        "slots": slots or os.cpu_count() or 1,
+        "tags": [t.strip() for t in tags.split(",") if t.strip()],
+        "drain_timeout_s": drain_timeout,
+        "claim_ahead": claim_ahead,
+    }
+    if name:
+        kwargs["name"] = name
+    if state_dir is not None:
+        kwargs["state_dir"] = state_dir
+    if talkback.strip().lower() in ("off", "none", ""):
+        kwargs["talkback"] = None
+    else:
+        from herder.agent.talkback import parse_bind
+
+        try:
+            parse_bind(talkback)
+        except ValueError as exc:
+            _fail(str(exc))
+        kwargs["talkback"] = talkback
+    if talkback_token is not None:
+        if len(talkback_token) < 16:
+            _fail("--talkback-token: at least 16 characters")
+        kwargs["talkback_token"] = talkback_token
+    try:
+        config = AgentConfig(**kwargs)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    raise Exit(run_agent(config))
