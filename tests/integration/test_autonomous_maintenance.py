@@ -28,10 +28,12 @@ pytestmark = [pytest.mark.timeout(120)]
 def farm(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalFarm]:
     # Masters and agents read these (the same cadence on both): a dead master's
     # lock lapses after 3 s, and it leaves the directory 3 s after its last beat.
+    # The lease (6 s, heartbeats every 2 s) must outlast a loaded machine's
+    # hiccups: a lease lost before the kills would rerun the task on the victim.
     monkeypatch.setenv("HERDER_MAINTENANCE_TTL_S", "3")
     monkeypatch.setenv("HERDER_MASTER_HEARTBEAT_S", "1")
     f = LocalFarm(
-        db_url=db_url, workdir=tmp_path / "farm", lease_s=3.0, ack_timeout_s=5.0, log_level="info"
+        db_url=db_url, workdir=tmp_path / "farm", lease_s=6.0, ack_timeout_s=6.0, log_level="info"
     )
     try:
         yield f
@@ -80,6 +82,9 @@ def test_autonomous_agent_reaps_a_dead_agents_lease(farm: LocalFarm, tmp_path: P
         assert farm.master is not None
         farm.master.kill9()
         victim.kill9()
+        # The premise: the victim's first attempt was still its only one when both died.
+        (before,) = store.get_job(job_id).stages[0].tasks
+        assert [a.agent_id for a in before.attempts] == [victim_id], before.attempts
 
         done = wait_for(
             lambda: (j := store.get_job(job_id)).state in ("succeeded", "failed") and j,

@@ -223,7 +223,47 @@ class LeasesMixin(ClaimsMixin):
                 return None
             return self._reap(t)
 
+        if self._maintenance_quiet(holder, ttl_s, name):
+            return 0
         return self._write(tx)
+
+    def _maintenance_quiet(self, holder: str, ttl_s: float, name: str) -> bool:
+        """Nothing is due and ``holder`` holds the lock for over half its TTL: skip the write.
+
+        One read instead of a write transaction each round, so an idle farm does
+        not take the writer lock every second (issue 9); the lock is still renewed
+        once half its TTL has gone. Reading a little late is harmless: whatever
+        falls due after the probe is reaped next round.
+        """
+
+        def q(conn: Connection) -> bool:
+            now = self._now_fn(conn)
+            lock = conn.execute(
+                sa.select(maintenance_lock.c.holder, maintenance_lock.c.expires_at).where(
+                    maintenance_lock.c.name == name
+                )
+            ).first()
+            if (
+                lock is None
+                or lock.holder != holder
+                or lock.expires_at <= now + timedelta(seconds=ttl_s / 2)
+            ):
+                return False
+            at = attempts.c
+            due = conn.execute(
+                sa.select(at.id)
+                .where(
+                    sa.text(_ACTIVE_ATTEMPT_SQL),
+                    sa.or_(
+                        sa.and_(at.state == "offered", at.ack_deadline < now),
+                        sa.and_(at.state == "running", at.lease_expires_at < now),
+                    ),
+                )
+                .limit(1)
+            ).first()
+            return due is None
+
+        return bool(self._read(q))
 
     def try_lock(
         self, holder: str, ttl_s: float = DEFAULT_MAINTENANCE_TTL_S, name: str = REAPER_LOCK
