@@ -13,8 +13,20 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from herder.api_limits import (
+    COMMAND_TOTAL_MAX,
+    RAM_MB_MAX,
+    TIMEOUT_MAX_S,
+    Int64,
+    RowId,
+    Token,
+    command_problem,
+    env_problem,
+    exec_size,
+    replace_nul,
+)
 from herder.names import name_problem
 from herder.paths import UnsafePath, normalize_relpath
 
@@ -82,6 +94,14 @@ def _check_relpath(value: str) -> str:
     return norm
 
 
+def _check_output_name(value: str) -> str:
+    # A backslash is a fine POSIX name but no output of that name can be
+    # brought back portably: refused at submission instead of on an agent.
+    if "\\" in value:
+        raise ValueError(f"path contains a backslash: {value!r}")
+    return _check_relpath(value)
+
+
 # --------------------------------------------------------------------- submit
 
 
@@ -104,11 +124,11 @@ class TaskSpec(_In):
         default=None, description="paths to bring back; null means every created or changed file"
     )
     env: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S)
     max_attempts: int = Field(default=1, ge=1, le=100)
     tags: list[str] = Field(default_factory=list)
     cpus: int = Field(default=1, ge=0, le=4096)
-    ram_mb: int = Field(default=0, ge=0)
+    ram_mb: int = Field(default=0, ge=0, le=RAM_MB_MAX)
 
     @field_validator("command")
     @classmethod
@@ -117,20 +137,30 @@ class TaskSpec(_In):
             raise ValueError("command is empty")
         if isinstance(v, list) and (not v or not v[0]):
             raise ValueError("argv command is empty")
+        problem = command_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("outputs")
     @classmethod
     def _outputs_safe(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else [_check_relpath(p) for p in v]
+        return None if v is None else [_check_output_name(p) for p in v]
 
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not key or "=" in key or "\x00" in key:
-                raise ValueError(f"invalid environment variable name {key!r}")
+        problem = env_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
+
+    @model_validator(mode="after")
+    def _fits_exec(self) -> TaskSpec:
+        size = exec_size(self.command, self.env)
+        if size > COMMAND_TOTAL_MAX:
+            raise ValueError(f"command and env take {size} bytes, more than {COMMAND_TOTAL_MAX}")
+        return self
 
 
 class StageSpec(_In):
@@ -181,7 +211,7 @@ class JobSubmitted(_Out):
 class OutputFile(_In):
     path: str
     digest: Digest
-    size: int = Field(ge=0)
+    size: Int64 = Field(ge=0)
     mode: int = Field(default=0o644, ge=0, le=0o7777)
 
     _norm = field_validator("path")(_check_relpath)
@@ -279,8 +309,8 @@ class ResourceUsage(_In):
     cpu_percent: float | None = Field(default=None, ge=0)
     load_1m: float | None = Field(default=None, ge=0)
     disk_free_mb: float | None = Field(default=None, ge=0)
-    io_read_bytes: int | None = Field(default=None, ge=0)
-    io_write_bytes: int | None = Field(default=None, ge=0)
+    io_read_bytes: Int64 | None = Field(default=None, ge=0)
+    io_write_bytes: Int64 | None = Field(default=None, ge=0)
 
 
 class AgentRegister(_In):
@@ -294,7 +324,7 @@ class AgentRegister(_In):
     slots: int = Field(ge=1, le=4096)
     tags: list[str] = Field(default_factory=list)
     cpus: int = Field(default=1, ge=1, le=4096)
-    ram_mb: int = Field(default=0, ge=0)
+    ram_mb: int = Field(default=0, ge=0, le=RAM_MB_MAX)
     talkback_url: str | None = Field(
         default=None, max_length=500, description="the agent's talkback endpoint (DESIGN §4)"
     )
@@ -336,15 +366,17 @@ class LogChunk(_In):
     stream: Literal["stdout", "stderr"]
     data: str
 
+    _storable = field_validator("data")(replace_nul)
+
 
 Outcome = Literal["exited", "timeout", "launch_failed", "released", "cancelled"]
 
 
 class Completion(_In):
-    attempt_id: int
-    token: str = Field(min_length=1, max_length=100)
+    attempt_id: RowId
+    token: Token
     outcome: Outcome
-    exit_code: int | None = None
+    exit_code: Int64 | None = None
     error: str | None = Field(default=None, max_length=10_000)
     outputs: list[OutputFile] = Field(default_factory=list, max_length=OUTPUTS_MAX)
     log: list[LogChunk] = Field(default_factory=list, description="output not yet streamed")
@@ -362,6 +394,11 @@ class Completion(_In):
             raise ValueError(f"inline blobs total {total} bytes, more than {INLINE_TOTAL_MAX}")
         return v
 
+    @field_validator("error")
+    @classmethod
+    def _error_storable(cls, v: str | None) -> str | None:
+        return None if v is None else replace_nul(v)
+
 
 class ClaimRequest(_In):
     max_tasks: int = Field(ge=0, le=1000)
@@ -369,7 +406,7 @@ class ClaimRequest(_In):
         default=0.0, ge=0.0, le=120.0, description="long-poll for up to this long"
     )
     completions: list[Completion] = Field(default_factory=list)
-    acks: list[int] = Field(default_factory=list, description="attempt ids now running")
+    acks: list[RowId] = Field(default_factory=list, description="attempt ids now running")
 
 
 class Offer(_Out):
@@ -409,17 +446,17 @@ class ClaimResponse(_Out):
 
 
 class AckRequest(_In):
-    token: str
+    token: Token
 
 
 class LogAppend(_In):
-    token: str
+    token: Token
     chunks: list[LogChunk] = Field(min_length=1)
 
 
 class RunningAttempt(_In):
-    attempt_id: int
-    token: str
+    attempt_id: RowId
+    token: Token
 
 
 class Heartbeat(_In):

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -19,6 +19,7 @@ from herder.cli_daemons import master as daemon_master
 from herder.cli_farm import farm_client as _http_client
 from herder.cli_farm import master_timeout_opt
 from herder.cli_farm import no_master as _no_master
+from herder.display import markup_safe, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -111,7 +112,7 @@ def _call(fn: Any, *args: Any, _job: int | None = None, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except ApiError as exc:
-        _fail(f"{exc.code}: {exc.message}")
+        _fail(f"{exc.code}: {exc.message}")  # _fail makes the farm's text printable
     except NoMasterAvailable as exc:
         _no_master(exc, _job)
     return None
@@ -123,20 +124,19 @@ def _call(fn: Any, *args: Any, _job: int | None = None, **kwargs: Any) -> Any:
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
 @master_timeout_opt
 def submit(jobfile: Path, master: str, wait: bool, master_timeout: str | None) -> None:
-    """Submit a job file to a master and print its id."""
-    from pydantic import ValidationError
+    """Submit a job file to a master and print its id.
 
+    Exit status: 0 submitted (with --wait: succeeded), 1 the job failed or the
+    farm refused it, 2 a bad job file (one line ``file:line:col: message``,
+    nothing submitted), 75 no master answered within --master-timeout.
+    """
     from herder.api_models import JobSubmit
-    from herder.submit import prepare_jobfile
+    from herder.submit import JobFileError, prepare_jobfile
 
     try:
         spec = prepare_jobfile(jobfile)
-    except (OSError, ValueError) as exc:
-        _fail(str(exc), 2)
-        return
-    except ValidationError as exc:
-        _fail(f"{jobfile}: {exc}", 2)
-        return
+    except JobFileError as exc:
+        _bad_input(str(exc))
     assert isinstance(spec.job, JobSubmit)
     import uuid
 
@@ -149,7 +149,9 @@ def submit(jobfile: Path, master: str, wait: bool, master_timeout: str | None) -
     with _client(master, master_timeout) as client:
         _call(spec.upload, client)
         job = _call(client.submit_job, job_spec)
-        console().print(f"job {job.id} {job.state} {job.href}", highlight=False)
+        console().print(
+            f"job {job.id} {job.state} {printable(job.href)}", highlight=False, markup=False
+        )
         if wait:
             # The follow stream answers as soon as anything happens: no polling interval.
             state, after = job.state, 0
@@ -179,24 +181,32 @@ def status(
             table = _table("id", "name", "state", "tasks", "created")
             for j in jobs:
                 counts = " ".join(f"{k}={v}" for k, v in sorted(j.counts.items()) if v)
-                table.add_row(str(j.id), j.name, j.state, counts, j.created_at.isoformat())
+                table.add_row(
+                    str(j.id), markup_safe(j.name), j.state, counts, j.created_at.isoformat()
+                )
             console().print(table)
             return
         job = _call(client.get_job, job_id, _job=job_id)
         if as_json:
             print(job.model_dump_json(indent=2))
             return
-        console().print(f"job {job.id} [bold]{job.name}[/bold]: {job.state}", highlight=False)
+        console().print(
+            f"job {job.id} [bold]{markup_safe(job.name)}[/bold]: {job.state}", highlight=False
+        )
         for stage in job.stages:
             counts = " ".join(f"{k}={v}" for k, v in sorted(stage.counts.items()) if v)
             console().print(
-                f"  stage {stage.index} {stage.name}: {stage.state} ({counts})", highlight=False
+                f"  stage {stage.index} {printable(stage.name)}: {stage.state} ({counts})",
+                highlight=False,
+                markup=False,
             )
             for task in stage.tasks:
                 extra = f" exit={task.exit_code}" if task.exit_code is not None else ""
                 extra += f" error={task.error}" if task.error else ""
                 console().print(
-                    f"    task {task.id} {task.name or ''} {task.state}{extra}", highlight=False
+                    printable(f"    task {task.id} {task.name or ''} {task.state}{extra}"),
+                    highlight=False,
+                    markup=False,
                 )
 
 
@@ -209,8 +219,14 @@ def status(
 def logs(
     job_id: int, task_id: int | None, master: str | None, follow: bool, master_timeout: str | None
 ) -> None:
-    """Print the stdout and stderr of a job's tasks (their latest attempts)."""
+    """Print the stdout and stderr of a job's tasks (their latest attempts).
+
+    Each line is prefixed with its task's name. On a terminal, control
+    characters and escape sequences in the output are shown escaped
+    (``\x1b``); to a pipe or a file each stream gets the task's own text.
+    """
     offsets: dict[tuple[int, str], int] = {}
+    raw = {"stdout": not sys.stdout.isatty(), "stderr": not sys.stderr.isatty()}
     with _client(master, master_timeout) as client:
         while True:
             job = _call(client.get_job, job_id, _job=job_id)
@@ -228,8 +244,10 @@ def logs(
                         )
                         offsets[key] = chunk.next_offset
                         out = sys.stdout if stream == "stdout" else sys.stderr
+                        label = printable(task.name or task.id)
                         for line in chunk.data.splitlines():
-                            print(f"[{task.name or task.id}] {line}", file=out)
+                            shown = line if raw[stream] else printable(line, keep_tabs=True)
+                            print(f"[{label}] {shown}", file=out)
             if not follow or job.state in ("succeeded", "failed", "cancelled"):
                 return
             time.sleep(0.5)
@@ -270,7 +288,12 @@ def agents(master: str | None, as_json: bool, master_timeout: str | None) -> Non
             )
             seen = a.last_seen_at.isoformat() if a.last_seen_at else ""
             table.add_row(
-                a.id, a.name, a.hostname, a.state, str(a.slots), str(a.running), load, ram, seen
+                *(markup_safe(v) for v in (a.id, a.name, a.hostname, a.state)),
+                str(a.slots),
+                str(a.running),
+                load,
+                ram,
+                seen,
             )
         console().print(table)
 
@@ -293,7 +316,7 @@ def drain(agent_id: str, master: str, undo: bool, master_timeout: str | None) ->
             f"/agents/{agent_id}/{action}",
             idempotent=True,
         )
-        console().print(f"agent {view.id} {view.state}", highlight=False)
+        console().print(printable(f"agent {view.id} {view.state}"), highlight=False, markup=False)
 
 
 @app.command()
@@ -338,19 +361,21 @@ def run(
     from herder.client.errors import ApiError, HerderClientError, NoMasterAvailable
     from herder.rakefile import RakefileError, load_rakefile
 
-    if chdir is not None and not rakefile.is_absolute() and (chdir / rakefile).is_file():
+    if chdir is not None and not rakefile.is_absolute() and (chdir / rakefile).exists():
         rakefile = chdir / rakefile  # as `make -C DIR`: the Rakefile of that directory
     try:
         parsed = load_rakefile(rakefile)
     except RakefileError as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        raise Exit(2) from None
-    except OSError as exc:
-        print(f"{rakefile}: cannot read: {exc.strerror or exc}", file=sys.stderr, flush=True)
-        raise Exit(2) from None
+        _bad_input(str(exc))
     workdir = (chdir or Path.cwd()).resolve()
     if not workdir.is_dir():
         _fail(f"working directory {workdir} does not exist", 2)
+    # The first actionset's files exist now (later ones' may be made by earlier
+    # actionsets: they are checked when their actionset starts, see _CheckedBuild).
+    try:
+        _check_requires(str(rakefile), parsed.actionsets[0].actions, workdir)
+    except RakefileError as exc:
+        _bad_input(str(exc))
     ok = False
     with _stop_on_signals():
         farm: Any = None
@@ -369,10 +394,16 @@ def run(
             reporter: Reporter = (
                 RichReporter() if sys.stdout.isatty() and not plain else PlainReporter()
             )
-            build = Build(client, parsed, workdir, reporter, name=str(rakefile))
+            build = _checked_build(Build, str(rakefile))(
+                client, parsed, workdir, reporter, name=_job_name(rakefile)
+            )
             try:
                 ok = build.run()
+            except RakefileError as exc:  # a required file of a later actionset
+                _stop_reporter(reporter)
+                _bad_input(str(exc))
             except BuildError as exc:
+                _stop_reporter(reporter)
                 _fail(f"{rakefile}: {exc}", 2)
             except (ApiError, NoMasterAvailable, HerderClientError) as exc:
                 if farm is None and isinstance(exc, NoMasterAvailable):
@@ -386,6 +417,49 @@ def run(
                 # Nothing runs any more (a failed build cancelled its job): stop now.
                 farm.close(at_once=True)
     raise Exit(0 if ok else 1)
+
+
+def _bad_input(line: str) -> NoReturn:
+    """A bad job file or Rakefile: its one ``file:line:col: message`` line, exit 2."""
+    print(printable(line), file=sys.stderr, flush=True)
+    raise Exit(2)
+
+
+def _check_requires(path: str, actions: list[Any], workdir: Path) -> None:
+    """Exit 2 at the first required file of the remote ``actions`` that cannot be sent."""
+    from herder.rakefile import requires_error
+
+    for action in actions:
+        if action.remote:
+            err = requires_error(path, action, workdir)
+            if err is not None:
+                raise err
+
+
+def _checked_build(base: Any, path: str) -> Any:
+    """``Build`` that checks an actionset's required files before it submits the actionset:
+    a bad one is a RakefileError at its ``requires`` word and nothing of the set is sent."""
+
+    class CheckedBuild(base):  # type: ignore[misc]
+        def _submit(self, index: int, run: Any) -> int | None:
+            _check_requires(path, [a.action for a in run.actions], self.workdir)
+            result: int | None = super()._submit(index, run)
+            return result
+
+    return CheckedBuild
+
+
+def _job_name(rakefile: Path) -> str:
+    """The Rakefile's path as a job name: printable, and short enough that
+    ``"{name}: {actionset}"`` fits the API's 200 characters."""
+    name = printable(str(rakefile))
+    return name if len(name) <= 98 else "..." + name[-95:]
+
+
+def _stop_reporter(reporter: Any) -> None:
+    live = getattr(reporter, "live", None)
+    if live is not None:
+        live.stop()
 
 
 class _Stopped(BaseException):

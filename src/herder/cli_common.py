@@ -19,8 +19,11 @@ def _masters(value: str) -> list[str]:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    # Plain write: an error is one line, never wrapped to the terminal width.
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # Plain write: an error is one line, never wrapped to the terminal width;
+    # printable, since it may quote what a farm or a file said (issue 11).
+    from herder.display import printable
+
+    print(f"error: {printable(message)}", file=sys.stderr, flush=True)
     raise Exit(code)
 
 

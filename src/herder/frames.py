@@ -11,8 +11,24 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+__all__ = [
+    "MAX_FRAME",
+    "MAX_FRAMES",
+    "FrameChunk",
+    "FrameRange",
+    "FrameSpecError",
+    "chunk_frames",
+    "count_chunks",
+    "expand_template",
+    "parse_frame_ranges",
+    "parse_frames",
+]
+
 MAX_FRAMES = 1_000_000
 """The most frames one ``frames`` spec may name."""
+MAX_FRAME = (1 << 31) - 1
+"""The highest frame number: renderers take 32-bit frame numbers, so 0 <= frame < 2**31."""
+_MAX_DIGITS = len(str(MAX_FRAME))
 
 
 class FrameSpecError(ValueError):
@@ -49,32 +65,48 @@ class FrameChunk:
 _ITEM_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*(?:x\s*([0-9]+)\s*)?)?", re.ASCII)
 
 
+def _number(item: str, m: re.Match[str], group: int, pos: int) -> int:
+    digits = m.group(group)
+    # Checked on the digits first: int() of thousands of digits is slow (and refused).
+    if len(digits.lstrip("0")) > _MAX_DIGITS or int(digits) > MAX_FRAME:
+        what = "step" if group == 3 else "frame"
+        raise FrameSpecError(
+            f"{what} {digits[:20]}{'...' if len(digits) > 20 else ''} in {item.strip()[:40]!r} "
+            f"is out of range (at most {MAX_FRAME})",
+            pos + m.start(group),
+        )
+    return int(digits)
+
+
 def parse_frame_ranges(spec: str) -> list[FrameRange]:
     """Parse ``"1-240x2"``, ``"1-10,20,30-40x5"`` into ranges.
 
     Raises :class:`FrameSpecError` (a ``ValueError``) on a malformed item, a
-    reversed range, a zero step, a repeated frame, or more than
-    :data:`MAX_FRAMES` frames.
+    frame or step above :data:`MAX_FRAME`, a reversed range, a zero step, a
+    repeated frame, or more than :data:`MAX_FRAMES` frames. The count is
+    arithmetic (nothing is expanded to be refused) and repeats are looked for
+    only among items whose spans overlap.
     """
     if not isinstance(spec, str):
         raise FrameSpecError('frames must be a string such as "1-240x2"')
     if not spec.strip():
         raise FrameSpecError('frames is empty; expected e.g. "1-240", "1-240x2" or "1,5,10-20"')
     out: list[FrameRange] = []
+    offsets: list[int] = []
     total = 0
-    seen: set[int] = set()
     pos = 0
     for item in spec.split(","):
         m = _ITEM_RE.fullmatch(item)
         if m is None:
             lead = len(item) - len(item.lstrip())
             raise FrameSpecError(
-                f"bad frame item {item.strip()!r}: expected N, A-B or A-BxS with whole numbers >= 0",
+                f"bad frame item {item.strip()[:40]!r}: expected N, A-B or A-BxS with "
+                "whole numbers >= 0",
                 pos + lead,
             )
-        a = int(m.group(1))
-        b = a if m.group(2) is None else int(m.group(2))
-        step = 1 if m.group(3) is None else int(m.group(3))
+        a = _number(item, m, 1, pos)
+        b = a if m.group(2) is None else _number(item, m, 2, pos)
+        step = 1 if m.group(3) is None else _number(item, m, 3, pos)
         if b < a:
             raise FrameSpecError(
                 f"reversed frame range {a}-{b}: the first frame must not exceed the last",
@@ -88,13 +120,40 @@ def parse_frame_ranges(spec: str) -> list[FrameRange]:
         total += len(r.frames)
         if total > MAX_FRAMES:
             raise FrameSpecError(f"too many frames (more than {MAX_FRAMES})", pos + m.start(1))
-        for f in r.frames:
-            if f in seen:
-                raise FrameSpecError(f"frame {f} appears more than once", pos + m.start(1))
-            seen.add(f)
         out.append(r)
+        offsets.append(pos + m.start(1))
         pos += len(item) + 1
+    _refuse_repeats(out, offsets)
     return out
+
+
+def _refuse_repeats(ranges: Sequence[FrameRange], offsets: Sequence[int]) -> None:
+    """A frame named twice is an error; only items whose spans overlap can repeat one."""
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i].start, i))
+    group: list[int] = []
+    group_end = -1
+    for i in [*order, -1]:
+        if i >= 0 and ranges[i].start <= group_end:
+            group.append(i)
+            group_end = max(group_end, ranges[i].frames[-1])
+            continue
+        if len(group) > 1:
+            seen: set[int] = set()
+            # in spec order, so the error names the later of the two items
+            for j in sorted(group):
+                for f in ranges[j].frames:
+                    if f in seen:
+                        raise FrameSpecError(f"frame {f} appears more than once", offsets[j])
+                    seen.add(f)
+        if i >= 0:
+            group, group_end = [i], ranges[i].frames[-1]
+
+
+def count_chunks(ranges: Sequence[FrameRange], chunk: int) -> int:
+    """How many tasks :func:`chunk_frames` would make, without making them."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, not {chunk}")
+    return sum(-(-len(r.frames) // chunk) for r in ranges)
 
 
 def parse_frames(spec: str) -> list[int]:

@@ -55,7 +55,7 @@ Frame templates
 A ``[[stage.frames]]`` entry also has ``frames`` (required) and ``chunk``
 (default 1). ``frames`` is a comma-separated list of items, each ``N``,
 ``A-B`` or ``A-BxS`` (every S-th frame from A up to B; frames are integers
->= 0, ``A <= B``, ``S >= 1``; a frame may not appear twice). Each item is cut
+0..2**31-1, ``A <= B``, ``S >= 1``; a frame may not appear twice). Each item is cut
 into chunks of ``chunk`` frames *of that item's sequence*, so a chunk never
 spans two items and is always ``start, start+step, ..., end``. Each chunk
 becomes one task, named ``"{name}[{start}-{end}]"`` (``"{name}[{start}]"``
@@ -67,10 +67,15 @@ shell: ``{start}``, ``{end}`` (first and last frame of the chunk),
 (frames in the chunk) and ``{index}`` (the chunk's number, from 0). A
 Python format spec may follow: ``{start:04d}``.
 
-Errors are :class:`JobFileError`: ``"file:line:col: message"`` when the
-position is known (TOML syntax errors; a bad key or value is located by a
-scan of the file), else ``"file: message"``. The message names the key path,
-e.g. ``stage[1].task[0].comand`` (indices count from 0).
+Errors are :class:`JobFileError`: ``"file:line:col: message"``, the position
+of a TOML syntax error, or of the bad key or value (located by a scan of the
+file: a key the scan cannot place is given at its nearest located parent,
+else at ``1:1``). The message names the key path, e.g.
+``stage[1].task[0].comand`` (indices count from 0). Names (of the job, its
+stages and tasks, its pool, owner, idempotency key and tags) may not hold
+control characters. Frames are at most :data:`~herder.frames.MAX_FRAME`,
+and a job has at most ``MAX_TASKS_PER_JOB`` tasks: a frame template that
+would make more is refused from its arithmetic, before it is expanded.
 
 Required files need digests before submission: :func:`load_jobfile` returns
 a :class:`JobFile` with relative paths, and :func:`to_job_submit` turns it
@@ -89,19 +94,24 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from herder.api_limits import MAX_TASKS_PER_JOB
 from herder.api_models import JobSubmit, RequiredFile, StageSpec, TaskSpec
+from herder.display import control_problem
 from herder.frames import (
     MAX_FRAMES,
     FrameChunk,
     FrameRange,
     FrameSpecError,
     chunk_frames,
+    count_chunks,
     expand_template,
     parse_frame_ranges,
     parse_frames,
 )
+from herder.inputs import BadEncoding, SourceProblem, decode_utf8, read_source
 from herder.paths import UnsafePath, normalize_relpath
 from herder.rakefile import MissingDigestError
+from herder.tomllocate import KeyPath, fmt_path, locate_keys
 
 __all__ = [
     "MAX_FRAMES",
@@ -121,9 +131,6 @@ __all__ = [
     "parse_jobfile",
     "to_job_submit",
 ]
-
-
-KeyPath = tuple[str | int, ...]
 
 _TASK_FIELDS = (
     "name",
@@ -192,6 +199,8 @@ class JobTask:
     ram_mb: int = 0
     frames: list[int] | None = None
     """For a task expanded from a frame template: the frames it renders."""
+    source: KeyPath = field(default=(), compare=False, repr=False)
+    """Where in the file the task (or its frame template) is, for errors."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,12 @@ class JobFile:
     owner: str | None = None
     idempotency_key: str | None = None
     path: str = "job.toml"
+    text: str = field(default="", compare=False, repr=False)
+    """The file's text, to locate errors found after parsing (:meth:`error_at`)."""
+
+    def error_at(self, key: KeyPath, message: str) -> JobFileError:
+        """A located error about ``key`` (e.g. a task's ``requires``)."""
+        return _Loader(self.path, self.text).error(key, message)
 
     def required_paths(self) -> list[str]:
         """Every required path, once, in order of first use."""
@@ -220,80 +235,6 @@ class JobFile:
         return list(seen)
 
 
-# ------------------------------------------------------------------ locating keys
-
-
-def _key_parts(s: str) -> list[str] | None:
-    """Split a TOML (dotted) key; ``None`` if it is not a simple key."""
-    parts: list[str] = []
-    for raw in re.findall(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*(?:\.|$)""", s):
-        parts.append(raw[1:-1] if raw[:1] in "\"'" else raw)
-    return parts or None
-
-
-def _locate_keys(text: str) -> dict[KeyPath, tuple[int, int]]:
-    """Best-effort map from key path to (line, col) by scanning the text.
-
-    Understands ``[table]``, ``[[array]]`` headers and ``key = value`` lines,
-    which is what job files are made of; anything fancier is simply not
-    located.
-    """
-    where: dict[KeyPath, tuple[int, int]] = {}
-    counters: dict[tuple[str, ...], int] = {}
-    context: KeyPath = ()
-    header_re = re.compile(r"\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-    key_re = re.compile(
-        r"(\s*)((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
-    )
-    in_multiline = False
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        # skip the body of multi-line strings (counting the delimiters is enough here)
-        n = line.count('"""') + line.count("'''")
-        if in_multiline:
-            if n % 2 == 1:
-                in_multiline = False
-            continue
-        h = header_re.match(line)
-        if h is not None:
-            names = _key_parts(h.group(2))
-            if names is None:
-                continue
-            is_array = h.group(1) == "[["
-            tup = tuple(names)
-            if is_array:
-                counters[tup] = counters.get(tup, -1) + 1
-                for k in [k for k in counters if len(k) > len(tup) and k[: len(tup)] == tup]:
-                    del counters[k]
-            ctx: list[str | int] = []
-            for i in range(len(names)):
-                ctx.append(names[i])
-                pre = tuple(names[: i + 1])
-                if pre in counters:
-                    ctx.append(counters[pre])
-            context = tuple(ctx)
-            where.setdefault(context, (lineno, len(line) - len(line.lstrip()) + 1))
-            continue
-        km = key_re.match(line)
-        if km is not None:
-            names = _key_parts(km.group(2))
-            if names is not None:
-                where.setdefault((*context, *names), (lineno, len(km.group(1)) + 1))
-            if n % 2 == 1:
-                in_multiline = True
-    return where
-
-
-def _fmt_path(path: KeyPath) -> str:
-    out = ""
-    for p in path:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            bare = re.fullmatch(r"[A-Za-z0-9_-]+", p) is not None
-            out += ("." if out else "") + (p if bare else repr(p))
-    return out
-
-
 # ------------------------------------------------------------------ loading
 
 
@@ -302,20 +243,31 @@ class _Loader:
         self.path = path
         self.text = text
         self._where: dict[KeyPath, tuple[int, int]] | None = None
+        self.task_count = 0
+
+    def room_for(self, tasks: int, key: KeyPath, what: str = "") -> None:
+        """Count ``tasks`` more tasks; refuse them before they are made if the job would
+        exceed its task limit."""
+        self.task_count += tasks
+        if self.task_count > MAX_TASKS_PER_JOB:
+            raise self.error(
+                key,
+                f"{what}the job would have {self.task_count} tasks or more; "
+                f"a job may have at most {MAX_TASKS_PER_JOB}",
+            )
 
     def error(self, key: KeyPath, message: str) -> JobFileError:
         if self._where is None:
-            self._where = _locate_keys(self.text)
+            self._where = locate_keys(self.text)
         pos = None
         for n in range(len(key), 0, -1):  # the key itself, else its nearest located parent
             pos = self._where.get(key[:n])
             if pos is not None:
                 break
-        name = _fmt_path(key)
+        name = fmt_path(key)
         msg = f"{name}: {message}" if name else message
-        if pos is None:
-            return JobFileError(self.path, msg, key=name or None)
-        return JobFileError(self.path, msg, pos[0], pos[1], key=name or None)
+        line, col = pos or (1, 1)
+        return JobFileError(self.path, msg, line, col, key=name or None)
 
     # -- generic checks
     def table(self, value: object, key: KeyPath) -> dict[str, Any]:
@@ -326,7 +278,7 @@ class _Loader:
     def array_of_tables(self, value: object, key: KeyPath) -> list[dict[str, Any]]:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise self.error(
-                key, f"expected an array of tables ([[{_fmt_path(key)}]]), got {_tname(value)}"
+                key, f"expected an array of tables ([[{fmt_path(key)}]]), got {_tname(value)}"
             )
         return value
 
@@ -339,11 +291,16 @@ class _Loader:
                     (*key, k), f"unknown key {k!r} in {what}; expected one of: {', '.join(allowed)}"
                 )
 
-    def string(self, value: object, key: KeyPath, *, nonempty: bool = True) -> str:
+    def string(
+        self, value: object, key: KeyPath, *, nonempty: bool = True, name: bool = False
+    ) -> str:
         if not isinstance(value, str):
             raise self.error(key, f"expected a string, got {_tname(value)}")
         if nonempty and not value.strip():
             raise self.error(key, "must not be empty")
+        bad = control_problem(value) if name else None
+        if bad is not None:
+            raise self.error(key, bad[1])
         return value
 
     def integer(self, value: object, key: KeyPath, lo: int, hi: int | None = None) -> int:
@@ -354,12 +311,15 @@ class _Loader:
             raise self.error(key, f"{value} is out of range ({rng})")
         return value
 
-    def strings(self, value: object, key: KeyPath) -> list[str]:
+    def strings(self, value: object, key: KeyPath, *, names: bool = False) -> list[str]:
         if not isinstance(value, list):
             raise self.error(key, f"expected an array of strings, got {_tname(value)}")
         for i, v in enumerate(value):
             if not isinstance(v, str):
                 raise self.error((*key, i), f"expected a string, got {_tname(v)}")
+            bad = control_problem(v) if names else None
+            if bad is not None:
+                raise self.error((*key, i), bad[1])
         return list(value)
 
     def relpaths(self, value: object, key: KeyPath) -> list[str]:
@@ -382,7 +342,7 @@ class _Loader:
             if k not in _TASK_FIELDS:
                 continue
             if k == "name":
-                out[k] = self.string(v, kk)
+                out[k] = self.string(v, kk, name=True)
             elif k == "command":
                 if isinstance(v, str):
                     out[k] = self.string(v, kk)
@@ -398,7 +358,7 @@ class _Loader:
             elif k in ("requires", "outputs"):
                 out[k] = self.relpaths(v, kk)
             elif k == "tags":
-                out[k] = self.strings(v, kk)
+                out[k] = self.strings(v, kk, names=True)
             elif k == "env":
                 env = self.table(v, kk)
                 for ek, ev in env.items():
@@ -432,38 +392,41 @@ class _Loader:
             loc = first.get("loc", ())
             sub: KeyPath = tuple(x for x in loc[:1] if isinstance(x, str))
             raise self.error((*key, *sub), str(first.get("msg", exc))) from None
-        return JobTask(**merged)
+        return JobTask(**merged, source=key)
 
     # -- the document
     def load(self, doc: dict[str, Any], default_name: str) -> JobFile:
         self.known(doc, _JOB_KEYS, (), "the job")
-        name = self.string(doc.get("name", default_name), ("name",))
+        name = self.string(doc.get("name", default_name), ("name",), name=True)
         if len(name) > 200:
             raise self.error(("name",), "is longer than 200 characters")
         priority = self.integer(doc.get("priority", 0), ("priority",), -1000, 1000)
-        pool = self.string(doc.get("pool", "default"), ("pool",))
-        owner = None if "owner" not in doc else self.string(doc["owner"], ("owner",))
+        pool = self.string(doc.get("pool", "default"), ("pool",), name=True)
+        owner = None if "owner" not in doc else self.string(doc["owner"], ("owner",), name=True)
         ikey = None
         if "idempotency_key" in doc:
-            ikey = self.string(doc["idempotency_key"], ("idempotency_key",))
+            ikey = self.string(doc["idempotency_key"], ("idempotency_key",), name=True)
         defaults: dict[str, Any] = {}
         if "defaults" in doc:
             dtbl = self.table(doc["defaults"], ("defaults",))
             self.known(dtbl, _DEFAULT_KEYS, ("defaults",), "[defaults]")
             defaults = self.task_fields(dtbl, ("defaults",))
         if "stage" not in doc:
-            raise JobFileError(self.path, "no stages: expected at least one [[stage]] with tasks")
+            raise JobFileError(
+                self.path, "no stages: expected at least one [[stage]] with tasks", 1, 1
+            )
         stages: list[JobStage] = []
         for si, st in enumerate(self.array_of_tables(doc["stage"], ("stage",))):
             skey: KeyPath = ("stage", si)
             self.known(st, _STAGE_KEYS, skey, "a [[stage]]")
             if "name" not in st:
                 raise self.error(skey, "a stage needs a 'name'")
-            sname = self.string(st["name"], (*skey, "name"))
+            sname = self.string(st["name"], (*skey, "name"), name=True)
             tasks: list[JobTask] = []
             for ti, t in enumerate(self.array_of_tables(st.get("task", []), (*skey, "task"))):
                 tkey: KeyPath = (*skey, "task", ti)
                 self.known(t, _TASK_FIELDS, tkey, "a [[stage.task]]")
+                self.room_for(1, tkey)
                 tasks.append(self.make_task(self.task_fields(t, tkey), defaults, tkey))
             for fi, fr in enumerate(self.array_of_tables(st.get("frames", []), (*skey, "frames"))):
                 tasks.extend(self.frame_tasks(fr, (*skey, "frames", fi), defaults, sname))
@@ -471,8 +434,6 @@ class _Loader:
                 raise self.error(
                     skey, f"stage {sname!r} has no tasks; add [[stage.task]] or [[stage.frames]]"
                 )
-            if len(tasks) > 100_000:
-                raise self.error(skey, f"stage {sname!r} has {len(tasks)} tasks; at most 100000")
             stages.append(JobStage(sname, tasks))
         if not stages:
             raise self.error(("stage",), "no stages: expected at least one [[stage]] with tasks")
@@ -500,6 +461,8 @@ class _Loader:
                 (*key, "frames"), f"{exc} (at character {exc.offset + 1} of {spec!r})"
             ) from None
         chunk = self.integer(fr.get("chunk", 1), (*key, "chunk"), 1)
+        n = count_chunks(ranges, chunk)
+        self.room_for(n, key, f"frames {spec[:40]!r} in chunks of {chunk} make {n} tasks: ")
         fields = self.task_fields(fr, key)
         base_name = fields.pop("name", stage_name)
         template = self.make_task(fields, defaults, key)  # validates the template as a task
@@ -553,6 +516,8 @@ def parse_jobfile(text: str, path: str = "job.toml") -> JobFile:
     """Parse job-file text; raise :class:`JobFileError` on any problem."""
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        raise JobFileError(path, "arrays or tables are nested too deeply", 1, 1) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_POS_RE.match(msg)
@@ -566,23 +531,20 @@ def parse_jobfile(text: str, path: str = "job.toml") -> JobFile:
                 len(lines),
                 len(lines[-1]) + 1,
             ) from None
-        raise JobFileError(path, msg) from None
-    return _Loader(path, text).load(doc, Path(path).stem or "job")
+        raise JobFileError(path, msg, 1, 1) from None
+    job = _Loader(path, text).load(doc, Path(path).stem or "job")
+    return replace(job, text=text)
 
 
 def load_jobfile(path: Path | str) -> JobFile:
-    """Read and parse a TOML job file (``OSError`` if it cannot be read)."""
+    """Read and parse a TOML job file; :class:`JobFileError` for any problem, reading included."""
     p = Path(path)
-    data = p.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        start = data.rfind(b"\n", 0, exc.start) + 1
-        col = len(data[start : exc.start].decode("utf-8", errors="replace")) + 1
-        raise JobFileError(
-            str(p), f"invalid UTF-8 byte 0x{data[exc.start]:02x}", line, col
-        ) from None
+        text = decode_utf8(read_source(p))
+    except BadEncoding as exc:
+        raise JobFileError(str(p), str(exc), exc.line, exc.col) from None
+    except SourceProblem as exc:
+        raise JobFileError(str(p), f"cannot read the job file: it {exc}", 1, 1) from None
     return parse_jobfile(text, str(p))
 
 

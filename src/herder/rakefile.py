@@ -25,6 +25,15 @@ build. Grammar, line by line:
 - Tabs and spaces separate words anywhere inside a line. Spaces may follow
   the indenting tabs (alignment), but an indent may not start with a space,
   nor may a tab follow a space inside it.
+- Control characters (other than the tab) are refused anywhere, C1 ones
+  (U+0080..U+009F) included: a terminal would act on them when the build is
+  shown. An actionset name has at most :data:`MAX_SET_NAME` characters, an
+  actionset at most :data:`MAX_ACTIONS` actions (a job's task limit).
+
+A file that cannot be read as a Rakefile (missing, a directory, a FIFO or a
+device, larger than :data:`herder.inputs.MAX_SOURCE_BYTES`, not UTF-8) is a
+:class:`RakefileError` at ``1:1`` (or at the bad byte), and so is a required
+file that cannot be sent (:func:`requires_error`, at the path's column).
 
 Every problem is reported as a :class:`RakefileError` whose ``str()`` is the
 one-line ``"path:line:col: message"`` (1-based line and column; a tab counts
@@ -38,11 +47,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from herder.api_limits import MAX_TASKS_PER_JOB
 from herder.api_models import JobSubmit, RequiredFile, StageSpec, TaskSpec
+from herder.hostspec import parse_host
+from herder.inputs import SourceProblem, read_source, required_file_problem
 from herder.paths import UnsafePath, normalize_relpath
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_ACTIONS",
+    "MAX_SET_NAME",
     "REMOTE_PREFIX",
     "Action",
     "Actionset",
@@ -55,16 +69,19 @@ __all__ = [
     "parse_host",
     "parse_rakefile",
     "render_rakefile",
+    "requires_error",
     "to_job_submit",
 ]
 
 DEFAULT_PORT = 6238
 REMOTE_PREFIX = "remote-"
+#: An actionset is one job of the farm: at most its task limit of actions.
+MAX_ACTIONS = MAX_TASKS_PER_JOB
+#: Room for the job name ``"{rakefile}: {actionset}"`` within the API's 200 characters.
+MAX_SET_NAME = 100
 
 _ASSIGN_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*=")
 _PORT_RE = re.compile(r"[0-9]+", re.ASCII)
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?", re.ASCII)
-_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?", re.ASCII)
 _WORD_RE = re.compile(r"[^ \t]+")
 
 
@@ -106,6 +123,8 @@ class Action:
     remote: bool
     requires: list[str] = field(default_factory=list)
     line: int = 0
+    where: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
+    """(line, column) of each of ``requires``, for errors about the files."""
 
 
 @dataclass(frozen=True)
@@ -135,68 +154,11 @@ def _bad_char(text: str) -> tuple[int, str] | None:
         o = ord(ch)
         if ch == "\t":
             continue
-        if o < 0x20 or o == 0x7F:
+        if o < 0x20 or 0x7F <= o <= 0x9F:
             return i, f"control character U+{o:04X} is not allowed"
         if 0xD800 <= o <= 0xDFFF:
             return i, f"lone surrogate U+{o:04X} is not valid Unicode"
     return None
-
-
-def parse_host(token: str, default_port: int | None) -> tuple[str, int | None]:
-    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
-
-    Returns ``(name, port)``; port is ``default_port`` when the token has none.
-    Raises ``ValueError`` with a message and, as ``args[1]``, the 0-based
-    offset of the offending character within ``token``.
-    """
-    if token.startswith("["):
-        end = token.find("]")
-        if end < 0:
-            raise ValueError(
-                "unclosed '[' in IPv6 host; expected '[address]' or '[address]:port'", 0
-            )
-        name = token[1:end]
-        if not name or not _IPV6_RE.fullmatch(name) or ":" not in name:
-            raise ValueError(f"{name!r} is not an IPv6 address", 1)
-        rest = token[end + 1 :]
-        if not rest:
-            return name, default_port
-        if not rest.startswith(":"):
-            raise ValueError("expected ':port' after ']'", end + 1)
-        port_off = end + 2
-        port_s = rest[1:]
-    else:
-        colon = token.find(":")
-        name = token if colon < 0 else token[:colon]
-        if not name:
-            raise ValueError("host name is empty; expected 'host' or 'host:port'", 0)
-        if not _HOSTNAME_RE.fullmatch(name):
-            bad = next(
-                (
-                    i
-                    for i, c in enumerate(name)
-                    if not (c.isascii() and (c.isalnum() or c in "_.-"))
-                ),
-                0,
-            )
-            raise ValueError(
-                f"{name!r} is not a valid host name (letters, digits, '.', '-', '_'; "
-                "IPv6 addresses go in brackets)",
-                bad,
-            )
-        if colon < 0:
-            return name, default_port
-        port_off = colon + 1
-        port_s = token[port_off:]
-    if not port_s:
-        raise ValueError("port is missing after ':'; expected 'host:port'", port_off)
-    if not _PORT_RE.fullmatch(port_s):
-        bad = next((i for i, c in enumerate(port_s) if not ("0" <= c <= "9")), 0)
-        raise ValueError(f"port {port_s!r} is not an integer", port_off + bad)
-    port = int(port_s)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 1..65535", port_off)
-    return name, port
 
 
 class _Parser:
@@ -207,8 +169,10 @@ class _Parser:
         self.hosts: list[tuple[str, int | None]] | None = None
         self.hosts_line = 0
         # actionsets under construction: (name, line, actions); an action is
-        # (command, remote, requires, line)
-        self.sets: list[tuple[str, int, list[tuple[str, bool, list[str], int]]]] = []
+        # (command, remote, requires, line, where each of requires is)
+        self.sets: list[
+            tuple[str, int, list[tuple[str, bool, list[str], int, list[tuple[int, int]]]]]
+        ] = []
         self.set_lines: dict[str, int] = {}
         # kind of the latest significant line: "none", "setting", "header", "action", "requires"
         self.last = "none"
@@ -250,7 +214,8 @@ class _Parser:
                     name=n,
                     line=ln,
                     actions=[
-                        Action(command=c, remote=r, requires=q, line=al) for c, r, q, al in acts
+                        Action(command=c, remote=r, requires=q, line=al, where=tuple(w))
+                        for c, r, q, al, w in acts
                     ],
                 )
                 for n, ln, acts in self.sets
@@ -342,6 +307,10 @@ class _Parser:
         ws = next((i for i, c in enumerate(name) if c.isspace()), -1)
         if ws >= 0:
             raise self.err(lineno, ws + 1, f"actionset name {name!r} must not contain white space")
+        if len(name) > MAX_SET_NAME:
+            raise self.err(
+                lineno, 1, f"actionset name is {len(name)} characters long; at most {MAX_SET_NAME}"
+            )
         if name in self.set_lines:
             raise self.err(
                 lineno,
@@ -419,7 +388,14 @@ class _Parser:
                     col0 + len(REMOTE_PREFIX) + 1,
                     "expected a command after 'remote-' (e.g. 'remote-cc -c a.c')",
                 )
-        self.sets[-1][2].append((command, remote, [], lineno))
+        if len(self.sets[-1][2]) >= MAX_ACTIONS:
+            raise self.err(
+                lineno,
+                col0 + 1,
+                f"actionset {self.sets[-1][0]!r} has more than {MAX_ACTIONS} actions "
+                "(an actionset is one job of the farm)",
+            )
+        self.sets[-1][2].append((command, remote, [], lineno, []))
         self.last = "action"
 
     def requires(self, lineno: int, col0: int, content: str) -> None:
@@ -448,7 +424,7 @@ class _Parser:
                 col0 + files_off + 1,
                 "'requires' needs at least one file: expected 'requires f1 f2 ...'",
             )
-        reqs = self.sets[-1][2][-1][2]
+        reqs, where = self.sets[-1][2][-1][2], self.sets[-1][2][-1][4]
         for f in files:
             try:
                 p = normalize_relpath(f.group(0))
@@ -456,6 +432,7 @@ class _Parser:
                 raise self.err(lineno, col0 + f.start() + 1, str(exc)) from None
             if p not in reqs:
                 reqs.append(p)
+                where.append((lineno, col0 + f.start() + 1))
         self.last = "requires"
 
 
@@ -481,10 +458,26 @@ def decode_rakefile(data: bytes, path: str = "Rakefile") -> str:
 
 
 def load_rakefile(path: Path | str) -> Rakefile:
-    """Read and parse a Rakefile (``OSError`` if it cannot be read)."""
+    """Read and parse a Rakefile; :class:`RakefileError` for any problem, reading included."""
     p = Path(path)
-    data = p.read_bytes()
+    try:
+        data = read_source(p)
+    except SourceProblem as exc:
+        raise RakefileError(str(p), 1, 1, f"cannot read the Rakefile: it {exc}") from None
     return parse_rakefile(decode_rakefile(data, str(p)), str(p))
+
+
+def requires_error(path: str, action: Action, root: Path) -> RakefileError | None:
+    """The error for the first of ``action``'s required files that cannot be sent, or None.
+
+    Located at the file's word in its ``requires`` line (see :mod:`herder.inputs`).
+    """
+    for i, rel in enumerate(action.requires):
+        problem = required_file_problem(root, rel)
+        if problem is not None:
+            line, col = action.where[i] if i < len(action.where) else (action.line, 1)
+            return RakefileError(path, line, col, problem)
+    return None
 
 
 # ------------------------------------------------------------------ output

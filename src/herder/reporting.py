@@ -1,9 +1,15 @@
-"""What `herder run` shows: one line per event, or live progress on a terminal (DESIGN §12)."""
+"""What `herder run` shows: one line per event, or live progress on a terminal (DESIGN §12).
+
+Every line goes through :func:`herder.display.printable`: an action's output,
+command or error cannot drive the terminal (tabs in output are kept).
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import TYPE_CHECKING, TextIO
+
+from herder.display import markup_safe, printable
 
 if TYPE_CHECKING:
     from herder.build import ActionRun, SetRun
@@ -18,7 +24,7 @@ class PlainReporter:
     def _p(self, text: str) -> None:
         # Flushed by refresh() (at most every 0.1 s) and finish(): one write
         # per batch of finished actions, not one per line.
-        print(text, file=self.out)
+        print(printable(text, keep_tabs=True), file=self.out)
 
     def start_set(self, run: SetRun) -> None:
         self._p(f"== {run.actionset.name}: {len(run.actions)} action(s)")
@@ -78,7 +84,7 @@ class RichReporter(PlainReporter):
         self._sets: list[SetRun] = []
 
     def _p(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        self.console.print(printable(text, keep_tabs=True), highlight=False, markup=False)
 
     def start_set(self, run: SetRun) -> None:
         self._sets.append(run)
@@ -92,13 +98,16 @@ class RichReporter(PlainReporter):
         for s in sets:
             failed = sum(1 for a in s.actions if a.state == "failed")
             table.add_row(
-                f"[bold]{s.actionset.name}[/bold]",
+                f"[bold]{markup_safe(s.actionset.name)}[/bold]",
                 f"{s.done}/{len(s.actions)} done"
                 + (f", [red]{failed} failed[/red]" if failed else ""),
             )
             for a in s.actions:
                 if a.state == "running":
-                    table.add_row(f"  {a.label}", f"{a.elapsed:5.1f}s  {a.action.command}")
+                    table.add_row(
+                        f"  {markup_safe(a.label)}",
+                        f"{a.elapsed:5.1f}s  {markup_safe(a.action.command)}",
+                    )
         self.live.update(table)
 
     def finish(self, sets: list[SetRun], ok: bool, elapsed: float) -> None:

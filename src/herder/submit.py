@@ -1,18 +1,33 @@
-"""Turn a job file (JSON JobSubmit or TOML) into a submission plus its uploads."""
+"""Turn a job file (JSON JobSubmit or TOML) into a submission plus its uploads.
+
+Everything is checked here, before the CLI talks to a farm: a bad job file
+or a required file that cannot be sent is a :class:`JobFileError` at
+``file:line:col`` and nothing is uploaded or submitted.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from herder.api_models import JobSubmit
-from herder.jobfile import JobFileError, load_jobfile, to_job_submit
-from herder.paths import resolve_inside
+from herder.inputs import (
+    BadEncoding,
+    SourceProblem,
+    decode_utf8,
+    read_source,
+    required_file_problem,
+)
+from herder.jobfile import JobFile, JobFileError, load_jobfile, to_job_submit
+from herder.jsonjob import parse_json_job
 
 if TYPE_CHECKING:
     from herder.client import HerderClient
+
+__all__ = ["JobFileError", "PreparedJob", "prepare_jobfile"]
 
 
 @dataclass
@@ -30,41 +45,46 @@ class PreparedJob:
 def prepare_jobfile(path: Path) -> PreparedJob:
     """Read a job file; required files are relative to the file's directory.
 
-    Raises ValueError (with file and position) for bad content, OSError when
-    the file or a required file cannot be read.
+    Raises :class:`JobFileError` (``file:line:col: message``) for any problem:
+    the file itself, its content, or a required file.
     """
     root = path.resolve().parent
     if path.suffix == ".toml":
-        try:
-            jf = load_jobfile(path)
-        except JobFileError as exc:
-            raise ValueError(str(exc)) from None
-        paths = list(jf.required_paths())
-        digests: dict[str, str] = {}
-        modes: dict[str, int] = {}
-        from herder.client import sha256_file
-
-        for rel in paths:
-            target = resolve_inside(root, rel)
-            if not target.is_file():
-                raise ValueError(f"{path}: required file {rel!r} does not exist in {root}")
-            digests[rel] = sha256_file(target)
-            modes[rel] = target.stat().st_mode & 0o7777
-        return PreparedJob(to_job_submit(jf, digests, modes), root, paths)
+        return _prepare_toml(load_jobfile(path), path, root)
     try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    job = JobSubmit.model_validate(data)
-    # Upload the files a JSON job names when they exist next to it; otherwise
-    # the store must already hold their blobs.
-    paths = sorted(
-        {
-            r.path
-            for s in job.stages
-            for t in s.tasks
-            for r in t.requires
-            if (root / r.path).is_file()
-        }
-    )
+        text = decode_utf8(read_source(path))
+    except BadEncoding as exc:
+        raise JobFileError(str(path), str(exc), exc.line, exc.col) from None
+    except SourceProblem as exc:
+        raise JobFileError(str(path), f"cannot read the job file: it {exc}", 1, 1) from None
+    job, paths = parse_json_job(text, str(path), root)
     return PreparedJob(job, root, paths)
+
+
+def _prepare_toml(jf: JobFile, path: Path, root: Path) -> PreparedJob:
+    from herder.client import sha256_file
+
+    first_use: dict[str, tuple[str | int, ...]] = {}
+    for s in jf.stages:
+        for t in s.tasks:
+            for p in t.requires:
+                first_use.setdefault(p, t.source)
+    digests: dict[str, str] = {}
+    modes: dict[str, int] = {}
+    for rel, source in first_use.items():
+        problem = required_file_problem(root, rel)
+        if problem is None:
+            target = root / rel
+            try:
+                digests[rel] = sha256_file(target)
+                modes[rel] = target.stat().st_mode & 0o7777
+            except OSError as exc:  # changed since it was checked
+                problem = f"required file {rel!r} cannot be read: {exc.strerror or exc}"
+        if problem is not None:
+            raise jf.error_at((*source, "requires"), problem)
+    try:
+        job = to_job_submit(jf, digests, modes)
+    except ValidationError as exc:  # a rule of the whole job the loader does not repeat
+        first = exc.errors()[0]
+        raise JobFileError(str(path), str(first.get("msg", exc)), 1, 1) from None
+    return PreparedJob(job, root, list(first_use))

@@ -489,8 +489,9 @@ def test_errors(text: str, line: int, key: str, fragment: str) -> None:
 
 def test_no_stages() -> None:
     e = jerr('name = "x"\n')
-    assert str(e) == "job.toml: no stages: expected at least one [[stage]] with tasks"
-    assert e.line is None
+    # every error carries a position (issue 11): the top of the file when nothing is there
+    assert str(e) == "job.toml:1:1: no stages: expected at least one [[stage]] with tasks"
+    assert (e.line, e.col) == (1, 1)
 
 
 def test_unlocatable_key_still_names_path() -> None:

@@ -182,8 +182,10 @@ def test_load_rakefile_bad_utf8(tmp_path: Path) -> None:
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(OSError):
+    # A file that cannot be read is a located RakefileError too (issue 11), not an OSError.
+    with pytest.raises(RakefileError, match="does not exist") as ei:
         load_rakefile(tmp_path / "nope")
+    assert str(ei.value).startswith(f"{tmp_path / 'nope'}:1:1: ")
 
 
 # ------------------------------------------------------------------ errors

@@ -214,3 +214,20 @@ def test_round_trip(rf: Rakefile, explicit_ports: bool) -> None:
         assert lines[s.line - 1] == f"{s.name}:"
         for a in s.actions:
             assert lines[a.line - 1] == "\t" + (REMOTE_PREFIX if a.remote else "") + a.command
+            # each required file is located at its word, for errors about the file (issue 11)
+            assert len(a.where) == len(a.requires)
+            for req, (line, col) in zip(a.requires, a.where, strict=True):
+                assert re.match(r"[^ \t]+", lines[line - 1][col - 1 :]).group(0) == req  # type: ignore[union-attr]
+
+
+@FUZZ
+@given(st.text(), st.characters(min_codepoint=0x80, max_codepoint=0x9F))
+def test_c1_controls_refused_where_they_are(text: str, c1: str) -> None:
+    # A C1 control (U+0080..U+009F) would act on a terminal showing the build (issue 11).
+    src = "a:\n\techo " + re.sub(r"[#\r\n]", "", text) + c1 + "\n"
+    try:
+        parse_rakefile(src)
+    except RakefileError as e:
+        assert "control character" in e.message or "surrogate" in e.message, str(e)
+        return
+    raise AssertionError(f"accepted {src!r}")

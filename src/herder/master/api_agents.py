@@ -29,6 +29,8 @@ from herder.errors import InvalidRequest
 from herder.master.context import (
     ERRORS,
     ApiContext,
+    IdPath,
+    NamePath,
     body_doc,
     error_response,
     json_response,
@@ -57,7 +59,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         return json_response(AgentList(agents=await ctx.call(store.list_agents)))
 
     @app.get("/api/v1/agents/{agent_id}", response_model=AgentView, responses=ERRORS)
-    async def get_agent(agent_id: str) -> Response:
+    async def get_agent(agent_id: NamePath) -> Response:
         return json_response(await ctx.call(store.get_agent, agent_id))
 
     @app.post(
@@ -66,7 +68,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
         openapi_extra=body_doc(ClaimRequest),
     )
-    async def claim(agent_id: str, request: Request) -> Response:
+    async def claim(agent_id: NamePath, request: Request) -> Response:
         """Completions + acks + claim in one transaction; long-polls up to ``wait_s``."""
         body = await parse_body(request, ClaimRequest)
         deadline = time.monotonic() + body.wait_s
@@ -107,17 +109,17 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
         openapi_extra=body_doc(Heartbeat),
     )
-    async def heartbeat(agent_id: str, request: Request) -> Response:
+    async def heartbeat(agent_id: NamePath, request: Request) -> Response:
         body = await parse_body(request, Heartbeat)
         return json_response(await ctx.call(service.heartbeat, agent_id, body))
 
     @app.post("/api/v1/agents/{agent_id}/drain", response_model=AgentView, responses=ERRORS)
-    async def drain_agent(agent_id: str) -> Response:
+    async def drain_agent(agent_id: NamePath) -> Response:
         """No new offers for the agent; its heartbeats answer ``drain: true`` until undrained."""
         return json_response(await ctx.call(store.set_drain, agent_id, True))
 
     @app.post("/api/v1/agents/{agent_id}/undrain", response_model=AgentView, responses=ERRORS)
-    async def undrain_agent(agent_id: str) -> Response:
+    async def undrain_agent(agent_id: NamePath) -> Response:
         view = await ctx.call(store.set_drain, agent_id, False)
         service.work_arrived()
         return json_response(view)
@@ -130,7 +132,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
         openapi_extra=body_doc(AckRequest),
     )
-    async def ack(attempt_id: int, request: Request) -> Response:
+    async def ack(attempt_id: IdPath, request: Request) -> Response:
         body = await parse_body(request, AckRequest)
         await ctx.call(service.ack, attempt_id, body.token)
         return Response(status_code=204)
@@ -141,7 +143,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
         openapi_extra=body_doc(LogAppend),
     )
-    async def append_log(attempt_id: int, request: Request) -> Response:
+    async def append_log(attempt_id: IdPath, request: Request) -> Response:
         body = await parse_body(request, LogAppend)
         await ctx.call(store.append_log, attempt_id, body.token, body.chunks)
         return Response(status_code=204)
@@ -152,7 +154,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
         openapi_extra=body_doc(Completion),
     )
-    async def complete(attempt_id: int, request: Request) -> Response:
+    async def complete(attempt_id: IdPath, request: Request) -> Response:
         body = await parse_body(request, Completion)
         if body.attempt_id != attempt_id:
             raise InvalidRequest(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
+from herder.api_limits import INT64_MAX
 from herder.api_models import (
     BlobMissing,
     BlobQuery,
@@ -24,13 +27,17 @@ from herder.api_models import (
     TaskView,
     encode_inline,
 )
+from herder.errors import DigestMismatch
 from herder.master.context import (
     ERRORS,
+    AfterQuery,
     ApiContext,
+    IdPath,
+    IdQuery,
     body_doc,
-    error_response,
     json_response,
     parse_body,
+    validation_error,
 )
 from herder.records import FollowPage
 
@@ -92,6 +99,17 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     ) -> Response:
         """Submit a job; 201 new, 200 when its idempotency key is known (the same job)."""
         spec = await parse_body(request, JobSubmit)
+        tasks = sum(len(stage.tasks) for stage in spec.stages)
+        if tasks > cfg.max_tasks_per_job:
+            raise validation_error(
+                [
+                    {
+                        "loc": ("body", "stages"),
+                        "msg": f"{tasks} tasks, more than {cfg.max_tasks_per_job} in one job",
+                        "type": "too_many_tasks",
+                    }
+                ]
+            )
         if view == "ids":
             sub = await ctx.call(service.submit, spec)
             out = JobSubmitted(
@@ -111,17 +129,17 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         return json_response(JobList(jobs=jobs))
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS)
-    async def get_job(job_id: int) -> Response:
+    async def get_job(job_id: IdPath) -> Response:
         return json_response(await ctx.call(store.get_job, job_id))
 
     @app.post("/api/v1/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS)
-    async def cancel_job(job_id: int) -> Response:
+    async def cancel_job(job_id: IdPath) -> Response:
         return json_response(await ctx.call(service.cancel_job, job_id, "cancelled by user"))
 
     @app.get("/api/v1/jobs/{job_id}/events", response_model=EventList, responses=ERRORS)
     async def job_events(
-        job_id: int,
-        after: Annotated[int, Query(ge=0)] = 0,
+        job_id: IdPath,
+        after: AfterQuery = 0,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
     ) -> Response:
         events = await ctx.call(
@@ -131,8 +149,10 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.get("/api/v1/jobs/{job_id}/follow", response_model=FollowView, responses=ERRORS)
     async def follow_job(
-        job_id: int,
-        after: Annotated[int, Query(ge=0, description="the `next` of the previous answer")] = 0,
+        job_id: IdPath,
+        after: Annotated[
+            int, Query(ge=0, le=INT64_MAX, description="the `next` of the previous answer")
+        ] = 0,
         wait_s: Annotated[
             float, Query(ge=0, le=FOLLOW_WAIT_MAX_S, description="long-poll up to this long")
         ] = 20.0,
@@ -158,9 +178,9 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.get("/api/v1/events", response_model=EventList, responses=ERRORS)
     async def list_events(
-        job_id: int | None = None,
-        task_id: int | None = None,
-        after: Annotated[int, Query(ge=0, description="events with a larger id")] = 0,
+        job_id: IdQuery = None,
+        task_id: IdQuery = None,
+        after: AfterQuery = 0,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
     ) -> Response:
         """Every recorded transition (task, from, to, reason, attempt, agent, time), by id."""
@@ -170,14 +190,14 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         return json_response(EventList(events=events))
 
     @app.get("/api/v1/tasks/{task_id}", response_model=TaskView, responses=ERRORS)
-    async def get_task(task_id: int) -> Response:
+    async def get_task(task_id: IdPath) -> Response:
         return json_response(await ctx.call(store.get_task, task_id))
 
     @app.get("/api/v1/attempts/{attempt_id}/log", response_model=LogView, responses=ERRORS)
     async def read_log(
-        attempt_id: int,
+        attempt_id: IdPath,
         stream: Literal["stdout", "stderr"] = "stdout",
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
         limit: Annotated[int, Query(ge=1, le=16 << 20)] = 1 << 20,
     ) -> Response:
         return json_response(await ctx.call(store.read_log, attempt_id, stream, offset, limit))
@@ -194,13 +214,30 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         body = await parse_body(request, BlobQuery)
         return json_response(BlobMissing(missing=await ctx.call(store.missing_blobs, body.digests)))
 
-    @app.put("/api/v1/blobs/{digest}", response_model=BlobStored, status_code=201, responses=ERRORS)
+    @app.put(
+        "/api/v1/blobs/{digest}",
+        response_model=BlobStored,
+        status_code=201,
+        responses={**ERRORS, 200: {"model": BlobStored, "description": "already stored"}},
+    )
     async def put_blob(digest: DigestPath, request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_blob_bytes:
-            return error_response(413, "too_large", f"blob larger than {cfg.max_blob_bytes} bytes")
-        data = await request.body()
-        size, created = await ctx.call(store.put_blob, digest, data)
+        """Upload a blob (at most ``max_blob_bytes``, 413 past it, chunked or not);
+        422 and nothing kept when its sha256 is not ``digest``."""
+        # Spooled to a temporary file, its digest computed on the way: memory
+        # stays bounded whatever the size (BodyLimitMiddleware bounds the size).
+        with tempfile.NamedTemporaryFile(prefix="herder-blob-") as spool:
+            sha, size = hashlib.sha256(), 0
+            async for chunk in request.stream():
+                sha.update(chunk)
+                spool.write(chunk)
+                size += len(chunk)
+            spool.flush()
+            if sha.hexdigest() != digest:
+                raise DigestMismatch(
+                    "the data's sha256 does not match the digest",
+                    detail={"expected": digest, "actual": sha.hexdigest()},
+                )
+            size, created = await ctx.call(store.put_blob_file, digest, spool.name, size)
         stored = BlobStored(
             digest=digest, size=size, href=f"/api/v1/blobs/{digest}", created=created
         )

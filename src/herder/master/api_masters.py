@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from herder import __version__
@@ -16,7 +16,14 @@ from herder.api_models import (
     MasterList,
     MasterView,
 )
-from herder.master.context import ERRORS, ApiContext, json_response
+from herder.master.context import (
+    ERRORS,
+    ApiContext,
+    NamePath,
+    body_doc,
+    json_response,
+    parse_body,
+)
 
 log = logging.getLogger("herder.master")
 
@@ -42,14 +49,16 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         response_model=MasterFailureView,
         status_code=201,
         responses=ERRORS,
+        openapi_extra=body_doc(MasterFailureReport),
     )
-    async def report_master_failure(master_id: str, body: MasterFailureReport) -> Response:
+    async def report_master_failure(master_id: NamePath, request: Request) -> Response:
         """Record an agent's or client's failure to reach a master (DESIGN §6).
 
         ``master_id`` is its directory id, its URL, or the ``host:port`` of its
         URL. The directory hides the master until its next heartbeat. 404
         ``not_found`` ("no master … in the directory") for an unknown master.
         """
+        body = await parse_body(request, MasterFailureReport)
         view = await ctx.call(store.report_master_failure, master_id, body)
         log.info(
             "event=master_failure_reported master=%s kind=%s reporter=%s request=%r",
@@ -66,7 +75,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         responses=ERRORS,
     )
     async def list_master_failures(
-        master_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+        master_id: NamePath, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
     ) -> Response:
         """Failures reported for a master, newest first."""
         failures = await ctx.call(store.list_master_failures, master_id, limit)
@@ -83,6 +92,6 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         return json_response(MasterList(masters=await ctx.call(store.list_masters, include_all)))
 
     @app.get("/api/v1/masters/{master_id:path}", response_model=MasterView, responses=ERRORS)
-    async def get_master(master_id: str) -> Response:
+    async def get_master(master_id: NamePath) -> Response:
         """One master, whatever its state, by directory id, URL or ``host:port``."""
         return json_response(await ctx.call(store.get_master, master_id))

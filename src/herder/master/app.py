@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Route
 
 from herder import __version__
 from herder.api_models import (
@@ -38,6 +39,7 @@ from herder.api_models import (
     Heartbeat,
     JobSubmit,
     LogAppend,
+    MasterFailureReport,
 )
 from herder.core.rules import master_timeout_s
 from herder.errors import DatabaseError, HerderError
@@ -52,6 +54,7 @@ from herder.master.context import (
     validation_error,
 )
 from herder.master.dbhealth import DRIVER_ERRORS, LoopFailures
+from herder.master.limits import BodyLimitMiddleware
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.service import MasterService
 from herder.master.wake import Waker
@@ -73,6 +76,7 @@ _SELF_PARSED = (
     Heartbeat,
     JobSubmit,
     LogAppend,
+    MasterFailureReport,
 )
 
 __all__ = ["MasterConfig", "create_app", "default_master_id"]
@@ -266,7 +270,15 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     app.state.maintenance = False
     app.state.master_id = cfg.master_id
     app.state.url = url
-    app.add_middleware(StatsMiddleware, stats=stats)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=cfg.max_body_bytes,
+        max_blob_bytes=cfg.max_blob_bytes,
+    )
+    # Counting is the outermost layer: the 500 of an unhandled exception is
+    # sent by Starlette's ServerErrorMiddleware, outside every added middleware.
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: StatsMiddleware(build_stack(), stats)  # type: ignore[method-assign]
     ctx = ApiContext(service, stats, cfg, app.state)
 
     # ---------------------------------------------------------------- errors
@@ -300,9 +312,22 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # Starlette names the first route's methods only
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            headers=headers,
         )
+
+    def _allowed_methods(request: Request) -> str:
+        methods: set[str] = set()
+        for route in app.router.routes:
+            if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+                methods.update(route.methods or ())
+        return ", ".join(sorted(methods))
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:

@@ -5,20 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
+from fastapi import Path, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from herder.api_limits import (
+    INT64_MAX,
+    MAX_BODY_BYTES,
+    MAX_TASKS_PER_JOB,
+    NUL_ESCAPE,
+    SURROGATE_ESCAPE,
+    nul_string,
+    unencodable_string,
+)
 from herder.api_models import ErrorBody
 from herder.core.rules import DEFAULT_MASTER_HEARTBEAT_S
 from herder.errors import (
@@ -34,14 +45,25 @@ from herder.master.wake import WakeConfig
 from herder.store.tx import CallGuard, guarded_call
 
 T = TypeVar("T")
+#: A row id in a path or query: past the database's BIGINT it is a 422, never a 500.
+IdPath = Annotated[int, Path(ge=0, le=INT64_MAX)]
+IdQuery = Annotated[int | None, Query(ge=0, le=INT64_MAX)]
+#: A name in a path (an agent id, a master id or URL): no control character,
+#: which no store holds (PostgreSQL refuses NUL) and no id contains.
+NamePath = Annotated[str, Path(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: An event id to read after.
+AfterQuery = Annotated[int, Query(ge=0, le=INT64_MAX, description="events with a larger id")]
 M = TypeVar("M", bound=BaseModel)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
+    413: {"model": ErrorBody, "description": "the request body is larger than the master takes"},
     422: {"model": ErrorBody},
+    500: {"model": ErrorBody, "description": "a bug: see the master's log"},
     503: {"model": ErrorBody, "description": "busy deferral (database unavailable or busy)"},
+    504: {"model": ErrorBody, "description": "the commit's outcome is unknown: retry"},
     507: {"model": ErrorBody, "description": "the database's disk is full"},
 }
 
@@ -64,6 +86,10 @@ class MasterConfig:
     # master) and wakes them; parked polls themselves cost nothing.
     recheck_interval_s: float = 1.0
     max_blob_bytes: int = 1 << 30
+    # Bounds of what one request may carry (issue 11): a JSON body (413 past
+    # it, enforced while reading, chunked bodies too) and a job's tasks (422).
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_tasks_per_job: int = MAX_TASKS_PER_JOB
     # The master directory (GET /api/v1/masters): the URL agents use to reach
     # this master (`herder master --advertise-url`; serve() defaults it to
     # http://<listen host>:<port>), its role, and its heartbeat. The directory
@@ -265,10 +291,32 @@ async def parse_body(request: Request, model: type[M]) -> M:
     machinery); errors have the same shape as FastAPI's validation errors."""
     raw = await request.body()
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
     except ValidationError as exc:
+        if SURROGATE_ESCAPE.search(raw):  # a lone high surrogate is a JSON error to pydantic
+            _refuse_unencodable(raw)
         errors = exc.errors(include_url=False, include_input=False)
         raise validation_error(errors, ("body",)) from None
+    if SURROGATE_ESCAPE.search(raw):
+        _refuse_unencodable(raw)
+    if NUL_ESCAPE in raw:  # after validation: program output has had its NULs replaced
+        loc = nul_string(parsed.model_dump())
+        if loc is not None:
+            error = {"loc": ("body", *loc), "msg": "contains a NUL character", "type": "string_nul"}
+            raise validation_error([error])
+    return parsed
+
+
+def _refuse_unencodable(raw: bytes) -> None:
+    """422 for a body with a string UTF-8 cannot encode (a lone surrogate escape):
+    it could be stored, but never be answered again (every later read a 500)."""
+    try:
+        loc = unencodable_string(json.loads(raw))
+    except ValueError:  # not JSON at all: the caller's validation error says so
+        return
+    if loc is not None:
+        error = {"loc": ("body", *loc), "msg": "not valid Unicode (a lone surrogate)"}
+        raise validation_error([{**error, "type": "string_unicode"}])
 
 
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:
