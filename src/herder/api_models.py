@@ -13,8 +13,16 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from herder.api_base import _In, _Out
+from herder.api_directory import MasterFailureList as MasterFailureList
+from herder.api_directory import MasterFailureReport as MasterFailureReport
+from herder.api_directory import MasterFailureView as MasterFailureView
+from herder.api_directory import MasterList as MasterList
+from herder.api_directory import MasterRole as MasterRole
+from herder.api_directory import MasterStateName as MasterStateName
+from herder.api_directory import MasterView as MasterView
 from herder.api_limits import (
     COMMAND_TOTAL_MAX,
     RAM_MB_MAX,
@@ -38,8 +46,6 @@ TaskStateName = Literal[
 JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 #: How an agent gets work: from a master, or from the database itself (DESIGN §6).
 AgentMode = Literal["master", "autonomous"]
-MasterRole = Literal["read-write", "read-only"]
-MasterStateName = Literal["up", "failed", "stopped"]
 
 #: Small files travel inside the claim round trip instead of a blob request
 #: each (DESIGN §10): required files up to INLINE_REQUIRE_MAX in an offer,
@@ -69,14 +75,6 @@ def decode_inline(blobs: dict[str, str]) -> dict[str, bytes]:
 
 def encode_inline(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, defer_build=True)
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 #: The most output files one completion may list.
@@ -570,60 +568,3 @@ class FollowView(_Out):
     events: list[EventView] | None = Field(
         default=None, description="the events themselves, with `events=true`"
     )
-
-
-# ------------------------------------------------------------ master directory
-
-
-class MasterView(_Out):
-    """One master of the farm (seeds/001 "master information")."""
-
-    id: str
-    href: str
-    url: str = Field(description="the URL agents and clients use to reach it")
-    role: MasterRole
-    state: MasterStateName
-    down_reason: Literal["stopped", "heartbeat_timeout", "failure_reported"] | None = None
-    started_at: datetime
-    last_heartbeat_at: datetime
-    heartbeat_timeout_s: float
-    version: str | None = None
-    requests: int = Field(description="requests handled since it started")
-    unhandled_exceptions: int
-    avg_request_ms: float
-    in_flight: int
-    failures: int = Field(description="failures to reach it reported by agents and clients")
-    last_failure_at: datetime | None = None
-    failures_href: str
-
-
-class MasterList(_Out):
-    masters: list[MasterView]
-
-
-class MasterFailureReport(_In):
-    """An agent's or client's failure to reach a master (DESIGN §6)."""
-
-    time: datetime = Field(description="when it failed, by the reporter's clock (ISO 8601)")
-    reporter: str = Field(min_length=1, max_length=200)
-    request: str = Field(default="", max_length=500, description='e.g. "POST /api/v1/jobs"')
-    kind: str = Field(
-        pattern=r"^[a-z][a-z0-9_]{0,49}$",
-        description="unreachable, timeout, broken, busy, gateway, …",
-    )
-    url: str | None = Field(default=None, max_length=2000, description="the URL that failed")
-
-
-class MasterFailureView(_Out):
-    id: int
-    master_id: str
-    time: datetime = Field(description="the reporter's time of the failure")
-    received_at: datetime = Field(description="when a master recorded it (database clock)")
-    reporter: str
-    request: str
-    kind: str
-    url: str | None = None
-
-
-class MasterFailureList(_Out):
-    failures: list[MasterFailureView]

@@ -34,6 +34,12 @@ _CONFIG_ENV: dict[str, str] = {
     # A store call answered as busy after this long (the database hangs).
     "HERDER_DB_TIMEOUT_S": "db_timeout_s",
 }
+# Input limits (issue 11): what one request may carry.
+_LIMIT_ENV: dict[str, str] = {
+    "HERDER_MAX_BODY_BYTES": "max_body_bytes",
+    "HERDER_MAX_BLOB_BYTES": "max_blob_bytes",
+    "HERDER_MAX_TASKS_PER_JOB": "max_tasks_per_job",
+}
 
 
 def default_advertise_url(host: str, port: int) -> str:
@@ -115,9 +121,20 @@ def serve(
         # The listen host is part of it: several masters of one machine may
         # share a port on different loopback or interface addresses.
         config.master_id = f"{socket.gethostname()}:{host}:{port}"
-        for env, attr in _CONFIG_ENV.items():
-            if os.environ.get(env):
-                setattr(config, attr, float(os.environ[env]))
+        for env, attr in (*_CONFIG_ENV.items(), *_LIMIT_ENV.items()):
+            text = os.environ.get(env)
+            if not text:
+                continue
+            try:
+                value: float = int(text) if env in _LIMIT_ENV else float(text)
+                if value <= 0:
+                    raise ValueError
+            except ValueError:
+                raise SystemExit(
+                    f"herder master: {env}={text!r}: expected a positive "
+                    f"{'integer' if env in _LIMIT_ENV else 'number'}"
+                ) from None
+            setattr(config, attr, value)
     if advertise_url:
         config.url = normalize_advertise_url(advertise_url)
     elif config.url is None:

@@ -239,8 +239,10 @@ blobs = sa.Table(
     metadata,
     sa.Column("digest", sa.String(64), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Last: SQLite's incremental blob I/O then writes the bytes in place; with a
+    # column after it, every write rebuilds the whole row in memory.
+    sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Index("ix_blobs_created_at", "created_at"),
 )
 
