@@ -4,7 +4,9 @@ same fresh sources: `make -j2`, `make -j2 CC="distcc cc"` against a distccd
 this script starts on 127.0.0.1 (2 jobs), `herder run` on the embedded farm
 (its own master and agent start and stop inside the figure, what a laptop
 user sees), and `herder run --master URL` against a farm already running (one
-master, one agent with 2 slots, herder.localfarm.LocalFarm).
+master, one agent with 2 slots, herder.localfarm.LocalFarm); and `herder run
+--direct --hosts 127.0.0.2:PORT` against one agent serving only direct work
+(`herder agent --direct-listen`, 2 slots, no master: DESIGN §9), its CPU added.
 
 All compile N funcI.c and programN.c, link, and run the program (its output
 is checked). CPU is user+sys of the command and every descendant it waited
@@ -28,6 +30,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import _benchlib as bl
 
@@ -78,6 +81,32 @@ class Row:
         return bool(self.walls) and not self.error
 
 
+def _direct_agent(state: Path, slots: int) -> tuple[Any, str]:
+    """One agent serving only direct work on 127.0.0.2 (started, answering)."""
+    import os
+    import time
+
+    import httpx
+
+    from herder.localfarm import Proc, free_port
+
+    state.mkdir(parents=True, exist_ok=True)
+    addr = f"127.0.0.2:{free_port('127.0.0.2')}"
+    argv = [sys.executable, "-m", "herder", "agent", "--direct-listen", addr]
+    argv += ["--slots", str(slots), "--state-dir", str(state), "--log-level", "warning"]
+    proc = Proc(argv, state / "agent.log", dict(os.environ))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{addr}/direct/cost", timeout=1).status_code == 200:
+                return proc, addr
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.stop()
+    raise SystemExit(f"direct agent on {addr} did not start:\n{proc.log_text()[-2000:]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,6 +130,7 @@ def main() -> int:
     distcc = Row(f'make -j{slots} CC="distcc cc"')
     emb = Row("herder run (embedded farm)")
     farm_row = Row("herder run --master (running farm)")
+    direct_row = Row("herder run --direct (direct agent)")
     distcc_missing = bl.Distccd.missing()
     if distcc_missing:
         distcc.error = f"SKIPPED: {distcc_missing}"
@@ -116,7 +146,9 @@ def main() -> int:
     with bl.tempdir("herder-bench-build-") as base:
         dcc = bl.Distccd(jobs=slots) if not distcc_missing else None
         farm = LocalFarm(workdir=base / "farm-state")
+        direct_agent, direct_addr = _direct_agent(base / "direct-state", slots)
         try:
+            bl.register_helper(direct_agent.pid)
             if dcc is not None:
                 dcc.__enter__()
             farm.start_master()
@@ -165,7 +197,20 @@ def main() -> int:
                     farm_row.walls.append(r.wall)
                     farm_row.cpus.append(r.cpu + server)
                     farm_row.server_cpus.append(server)
+
+                d = fresh(n, base, "direct")
+                cpu0 = bl.tree_cpu(direct_agent.pid)
+                r = bl.run_measured(
+                    [*herder_run, "--direct", "--hosts", direct_addr], d, timeout=args.timeout
+                )
+                server = bl.tree_cpu(direct_agent.pid) - cpu0
+                if check(direct_row, r, d):
+                    direct_row.walls.append(r.wall)
+                    direct_row.cpus.append(r.cpu + server)
+                    direct_row.server_cpus.append(server)
         finally:
+            bl.unregister_helper(direct_agent.pid)
+            direct_agent.stop()
             for p in (farm.master, *farm.agents):
                 if p is not None:
                     bl.unregister_helper(p.pid)
@@ -178,7 +223,7 @@ def main() -> int:
         f"{max(1, args.reps)} round(s) (median)"
     )
     print(f"{'':38s} {'wall':>9s}  {'x make':>6s}  {'CPU':>8s}")
-    for row in (make, distcc, emb, farm_row):
+    for row in (make, distcc, emb, farm_row, direct_row):
         if not row.done:
             print(f"{row.label:38s} {row.error.splitlines()[0] if row.error else 'no data'}")
             continue
@@ -186,7 +231,7 @@ def main() -> int:
         extra = ""
         if row.server_cpus:
             srv = statistics.median(row.server_cpus)
-            who = "distccd" if row is distcc else "farm"
+            who = {id(distcc): "distccd", id(direct_row): "agent"}.get(id(row), "farm")
             extra = f"  (client {row.cpu - srv:.2f} s + {who} {srv:.2f} s)"
         print(f"{row.label:38s} {row.wall:7.3f} s  {ratio}  {row.cpu:6.2f} s{extra}")
         if len(row.walls) > 1:
@@ -208,8 +253,13 @@ def main() -> int:
     if farm_row.done and make.done:
         r = farm_row.wall / make.wall
         print(f"  --master <= 1.30x make:        {r:5.2f}x  {bl.verdict(r, 1.30)}")
+    if direct_row.done and make.done:
+        r = direct_row.wall / make.wall
+        print(f"  --direct vs make (no target):  {r:5.2f}x")
     print(bl.load_note())
-    errors = [row for row in (make, distcc, emb, farm_row) if row.error.startswith("FAILED")]
+    errors = [
+        row for row in (make, distcc, emb, farm_row, direct_row) if row.error.startswith("FAILED")
+    ]
     for row in errors:
         print(f"\n{row.label} {row.error}", file=sys.stderr)
     return 1 if errors else 0

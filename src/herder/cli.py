@@ -19,6 +19,7 @@ from herder.cli_daemons import master as daemon_master
 from herder.cli_farm import farm_client as _http_client
 from herder.cli_farm import master_timeout_opt
 from herder.cli_farm import no_master as _no_master
+from herder.cli_jobs import job as job_group
 from herder.display import markup_safe, printable
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def app() -> None:
 
 app.add_command(daemon_master)
 app.add_command(daemon_agent)
+app.add_command(job_group)
 
 _console: Console | None = None
 
@@ -343,6 +345,17 @@ def drain(agent_id: str, master: str, undo: bool, master_timeout: str | None) ->
     "is read from there.",
 )
 @click.option("--plain", is_flag=True, help="Line output even on a terminal.")
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="No master: send each remote action to the cheapest agent of HOSTS (DESIGN §9; "
+    "agents started with --direct-listen; token from $HERDER_DIRECT_TOKEN).",
+)
+@click.option(
+    "--hosts",
+    default=None,
+    help="Direct mode: agents as HOST:PORT,HOST:PORT (default: the Rakefile's HOSTS and PORT).",
+)
 @master_timeout_opt
 def run(
     rakefile: Path,
@@ -350,6 +363,8 @@ def run(
     slots: int,
     chdir: Path | None,
     plain: bool,
+    direct: bool,
+    hosts: str | None,
     master_timeout: str | None,
 ) -> None:
     """Build a Rakefile: actionsets in order, the actions of each in parallel.
@@ -376,6 +391,12 @@ def run(
         _check_requires(str(rakefile), parsed.actionsets[0].actions, workdir)
     except RakefileError as exc:
         _bad_input(str(exc))
+    if hosts is not None and not direct:
+        _fail("--hosts is for direct mode: add --direct", 2)
+    if direct:
+        if master:
+            _fail("--direct and --master: choose one (direct mode needs no master)", 2)
+        _run_direct(rakefile, parsed, workdir, plain, hosts)
     ok = False
     with _stop_on_signals():
         farm: Any = None
@@ -416,6 +437,45 @@ def run(
             if farm is not None:
                 # Nothing runs any more (a failed build cancelled its job): stop now.
                 farm.close(at_once=True)
+    raise Exit(0 if ok else 1)
+
+
+def _run_direct(
+    rakefile: Path, parsed: Any, workdir: Path, plain: bool, hosts: str | None
+) -> NoReturn:
+    """``herder run --direct``: the Rakefile's remote actions straight to agents."""
+    from herder.build import BuildError, PlainReporter, Reporter, RichReporter
+    from herder.direct import DirectBuild, HostRefused, parse_hosts
+    from herder.rakefile import RakefileError
+
+    try:
+        targets = parse_hosts(hosts) if hosts is not None else [str(h) for h in parsed.hosts]
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if not targets:
+        _fail(f"{rakefile}: direct mode needs agents: a HOSTS line or --hosts HOST:PORT,…", 2)
+    ok = False
+    with _stop_on_signals():
+        reporter: Reporter = (
+            RichReporter() if sys.stdout.isatty() and not plain else PlainReporter()
+        )
+        build = _checked_build(DirectBuild, str(rakefile))(
+            targets, parsed, workdir, reporter, name=_job_name(rakefile)
+        )
+        try:
+            ok = build.run()
+        except RakefileError as exc:
+            _stop_reporter(reporter)
+            _bad_input(str(exc))
+        except HostRefused as exc:
+            _stop_reporter(reporter)
+            print(f"herder: {printable(str(exc))}", file=sys.stderr, flush=True)
+            raise Exit(2) from None
+        except BuildError as exc:
+            _stop_reporter(reporter)
+            _fail(f"{rakefile}: {exc}", 2)
+        finally:
+            build.close()
     raise Exit(0 if ok else 1)
 
 

@@ -162,6 +162,30 @@ def master(
     help="Every this many seconds start again from the first master candidate "
     "(moves back to the first --master once it returns); 0: never.",
 )
+@click.option(
+    "--direct-listen",
+    default=None,
+    help="HOST:PORT to serve direct execution on (DESIGN §9, `herder run --direct`); "
+    "with no --master or --dns-name the agent serves only direct work.",
+)
+@click.option(
+    "--direct-allow",
+    default="127.0.0.0/8,::1",
+    show_default=True,
+    help="Client networks allowed to use the direct listener, comma-separated.",
+)
+@click.option(
+    "--direct-token",
+    envvar="HERDER_DIRECT_TOKEN",
+    default=None,
+    help="Shared token direct clients must send (Authorization: Bearer).",
+)
+@click.option(
+    "--direct-surcharge",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Added to this agent's direct cost (commands handled over slots): prefer others.",
+)
 def agent(
     master: str | None,
     slots: int,
@@ -181,6 +205,10 @@ def agent(
     return_policy: str,
     claim_ahead: int | None,
     rehome: float,
+    direct_listen: str | None,
+    direct_allow: str,
+    direct_token: str | None,
+    direct_surcharge: float,
 ) -> None:
     """Run an agent: claim tasks from the masters and run them in sandboxes.
 
@@ -200,7 +228,7 @@ def agent(
         ReturnPolicy.parse(return_policy)
     except ValueError as exc:
         _fail(f"--return-policy: {exc}")
-    if master is None and not dns_name:
+    if master is None and not dns_name and not direct_listen:
         master = "http://127.0.0.1:6240"
     kwargs: dict[str, Any] = {
         "masters": _masters(master) if master else [],
@@ -235,6 +263,24 @@ def agent(
         if len(talkback_token) < 16:
             _fail("--talkback-token: at least 16 characters")
         kwargs["talkback_token"] = talkback_token
+    if direct_listen:
+        from herder.agent.direct import DirectConfig, parse_allow
+        from herder.agent.talkback import parse_bind
+
+        try:
+            parse_bind(direct_listen)
+            parse_allow(direct_allow)
+        except ValueError as exc:
+            _fail(str(exc).replace("talkback address", "--direct-listen"), 2)
+        if direct_token is not None and len(direct_token) < 16:
+            _fail("--direct-token: at least 16 characters", 2)
+        kwargs["direct"] = DirectConfig(
+            bind=direct_listen,
+            slots=kwargs["slots"],
+            surcharge=direct_surcharge,
+            allow=direct_allow,
+            token=direct_token,
+        )
     try:
         config = AgentConfig(**kwargs)
     except ValueError as exc:

@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
+from herder.api_control import JobUpdate, update_fields
 from herder.api_models import (
     AgentRegister,
     AgentView,
@@ -50,6 +53,7 @@ from herder.client.logs import FullLogMixin
 from herder.errors import HerderError, NotFound, StaleAttempt
 from herder.master.service import MasterService
 from herder.records import FollowPage
+from herder.store.control import JobChanges
 
 T = TypeVar("T")
 
@@ -111,6 +115,35 @@ class InProcessClient(FullLogMixin):
 
     def cancel_job(self, job_id: int) -> JobView:
         return _do(self.service.cancel_job, int(job_id), "cancelled by user")
+
+    def pause_job(self, job_id: int, *, kill: bool = False) -> JobView:
+        return _do(self.service.pause_job, int(job_id), kill)
+
+    def resume_job(self, job_id: int) -> JobView:
+        return _do(self.service.resume_job, int(job_id))
+
+    def retry_job(self, job_id: int) -> JobView:
+        return _do(self.service.retry_job, int(job_id))
+
+    def update_job(
+        self,
+        job_id: int,
+        *,
+        priority: int | None = None,
+        tags: list[str] | None = None,
+        cpus: int | None = None,
+        ram_mb: int | None = None,
+        max_attempts: int | None = None,
+    ) -> JobView:
+        body = update_fields(priority, tags, cpus, ram_mb, max_attempts)
+        try:
+            update = JobUpdate.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+            raise ApiError(422, "invalid_request", f"{where}: {err['msg']}") from None
+        changes = JobChanges(**update.model_dump(exclude_none=True))
+        return _do(self.service.update_job, int(job_id), changes)
 
     def job_events(self, job_id: int, after: int = 0, limit: int | None = None) -> list[EventView]:
         return _do(

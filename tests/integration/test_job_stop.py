@@ -221,11 +221,13 @@ def test_failed_task_stops_its_job_at_once_and_the_idle_farm_writes_nothing(
             boom_task = tasks[0]
             assert (boom_task.state, boom_task.exit_code) == ("failed", 3)  # siblings ran
             assert view.counts == {"failed": 1, "cancelled": 5}
-            ran = [t for t in tasks[1:] if t.attempts]
-            assert len(ran) == 3  # the three that were running...
-            for t in ran:  # ...were cancelled with their attempts, never retried
+            # Three sleepers ran (one file each); a fourth may have been offered
+            # ahead of a free slot (claim-ahead) without starting.
+            assert len(list(started.iterdir())) == 3
+            offered = [t for t in tasks[1:] if t.attempts]
+            assert len(offered) >= 3
+            for t in offered:  # ...cancelled with their attempts, never retried
                 assert [a.state for a in t.attempts] == ["cancelled"]
-            assert all(not t.attempts for t in tasks[1:] if t not in ran)  # queued ones never ran
 
         # Nothing is pending on the agents any more (no attempt, no delivery).
         views = agent_views(farm.url)

@@ -43,6 +43,11 @@ LEGAL_TASK = [
     (T.QUEUED, E.CANCEL, T.CANCELLED),
     (T.BLOCKED, E.CANCEL, T.CANCELLED),
     (T.RUNNING, E.CANCEL, T.CANCELLED),
+    (T.RUNNING, E.PREEMPT, T.QUEUED),
+    (T.OFFERED, E.PREEMPT, T.QUEUED),
+    (T.FAILED, E.RETRY, T.QUEUED),
+    (T.CANCELLED, E.RETRY, T.QUEUED),
+    (T.CANCELLED, E.RETRY_BLOCKED, T.BLOCKED),
 ]
 
 
@@ -62,6 +67,9 @@ ILLEGAL_TASK = [
     (T.SUCCEEDED, E.CANCEL),
     (T.FAILED, E.FAIL_RETRY),
     (T.CANCELLED, E.UNBLOCK),
+    (T.SUCCEEDED, E.RETRY),  # only what failed or was cancelled is retried
+    (T.QUEUED, E.RETRY),
+    (T.QUEUED, E.PREEMPT),
 ]
 
 
@@ -75,10 +83,13 @@ def test_illegal_task_transitions_raise(src: TaskState, event: TaskEvent) -> Non
     assert str(event.value) in str(info.value)
 
 
-def test_terminal_task_states_have_no_way_out() -> None:
-    for state, event in itertools.product(TASK_TERMINAL, TaskEvent):
+def test_terminal_task_states_have_no_way_out_but_a_user_retry() -> None:
+    retry = {E.RETRY, E.RETRY_BLOCKED}
+    for state, event in itertools.product(TASK_TERMINAL, set(TaskEvent) - retry):
         with pytest.raises(IllegalTransition):
             next_task_state(state, event)
+    for event in retry:
+        assert set(TASK_SOURCES[event]) == {T.FAILED, T.CANCELLED}
 
 
 def test_every_task_state_is_reachable_and_has_a_source_table() -> None:
@@ -156,6 +167,10 @@ J, JE = JobState, JobEvent
         (J.QUEUED, JE.FAIL, J.FAILED),
         (J.RUNNING, JE.FAIL, J.FAILED),
         (J.PAUSED, JE.CANCEL, J.CANCELLED),
+        (J.PAUSED, JE.SUCCEED, J.SUCCEEDED),  # its last running task finished
+        (J.PAUSED, JE.FAIL, J.FAILED),
+        (J.FAILED, JE.RETRY, J.RUNNING),
+        (J.CANCELLED, JE.RETRY, J.RUNNING),
     ],
 )
 def test_legal_job_transitions(src: JobState, event: JobEvent, dst: JobState) -> None:
@@ -166,7 +181,10 @@ def test_legal_job_transitions(src: JobState, event: JobEvent, dst: JobState) ->
     ("src", "event"),
     [
         (J.RUNNING, JE.START),
-        (J.PAUSED, JE.SUCCEED),
+        (J.PAUSED, JE.PAUSE),
+        (J.RUNNING, JE.RESUME),
+        (J.SUCCEEDED, JE.RETRY),
+        (J.RUNNING, JE.RETRY),
         (J.SUCCEEDED, JE.CANCEL),
         (J.FAILED, JE.RESUME),
         (J.CANCELLED, JE.START),
@@ -178,8 +196,10 @@ def test_illegal_job_transitions_raise(src: JobState, event: JobEvent) -> None:
     assert info.value.kind == "job"
 
 
-def test_terminal_job_states_have_no_way_out() -> None:
+def test_terminal_job_states_have_no_way_out_but_a_user_retry() -> None:
     for state, event in itertools.product(JOB_TERMINAL, JobEvent):
+        if event is JE.RETRY and state is not J.SUCCEEDED:
+            continue
         with pytest.raises(IllegalTransition):
             next_job_state(state, event)
 

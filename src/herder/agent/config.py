@@ -11,6 +11,10 @@ import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from herder.agent.direct import DirectConfig
 
 
 def default_state_dir() -> Path:
@@ -87,6 +91,8 @@ class AgentConfig:
     db_url: str | None = None  # the farm's database (needed for self-assignment)
     return_policy: str = "per-task"  # per-task | interval:SECONDS | never
     rehome_s: float = 60.0  # start again from the first candidate master this often
+    # Direct execution (herder.agent.direct, DESIGN §9): a DirectConfig, or None: no listener.
+    direct: DirectConfig | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

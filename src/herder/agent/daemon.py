@@ -15,6 +15,7 @@ its own module of ``herder.agent``:
 ``daemon``          ``Agent`` (lifecycle: run, drain, register, talkback
                     endpoint) and ``run_agent``
 ``executor``        sandboxes, staging, spawning, timeouts, output collection
+``direct``          the direct-execution listener (``--direct-listen``, DESIGN §9)
 ==================  ==========================================================
 
 One agent per state dir: ``Agent.run`` holds an exclusive lock on
@@ -106,6 +107,7 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
         )
         self.journal = Journal(config.state_dir / "journal")
         self.talkback = None  # TalkbackServer while running
+        self.direct: Any = None  # DirectServer while running (config.direct)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -166,9 +168,11 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
         if purged:
             log.info("event=purged_sandboxes count=%d", purged)
         self._start_talkback()
+        self._start_direct()
         if not self.register():
             self._halt.set()
             self._stop_talkback()
+            self._stop_direct()
             return 0
         self._restore_journal(journaled)
         for i in range(cfg.slots):
@@ -248,6 +252,7 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
         if not self.executor.cleaner.flush(timeout=10.0):
             log.warning("event=cleanup_pending count=%d", self.executor.cleaner.pending)
         self._stop_talkback()
+        self._stop_direct()
         log.info("event=stopped stats=%s", json.dumps(self.stats))
 
     # ---------------------------------------------------------- registration
@@ -346,6 +351,28 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
             with contextlib.suppress(Exception):
                 tb.stop()
 
+    def _start_direct(self) -> None:
+        """Serve direct execution beside farm work (same executor and blob cache)."""
+        if self.config.direct is None:
+            return
+        from herder.agent.direct import DirectServer
+
+        try:
+            server = DirectServer(self.executor, self.config.direct)
+            server.start()
+        except (OSError, ValueError) as exc:
+            log.error(
+                "event=direct_unavailable bind=%s error=%r", self.config.direct.bind, str(exc)
+            )
+            return
+        self.direct = server
+
+    def _stop_direct(self) -> None:
+        server, self.direct = self.direct, None
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+
     # ----------------------------------------------------------- inspection
 
     @property
@@ -403,7 +430,16 @@ def run_agent(config: AgentConfig, client: AgentClient | None = None) -> int:
     """Run an agent until SIGTERM/SIGINT or a drain order; drain; return the exit status.
 
     0; 2 (after one line on stderr) when another process holds the state dir.
+    An agent with a direct listener and no master to find serves only direct
+    work (:func:`herder.agent.direct.run_direct_only`): it never registers.
     """
+    if config.direct is not None and client is None and not config.masters and not config.dns_name:
+        from herder.agent.direct import run_direct_only
+
+        assert config.work_root is not None
+        return run_direct_only(
+            config.state_dir, config.work_root, config.direct, config.kill_grace_s
+        )
     agent = Agent(config, client)
     try:
         with _signals(agent.on_signal), _usr1(agent.request_master_mode):

@@ -52,6 +52,7 @@ from typing import BinaryIO
 import httpx
 from pydantic import BaseModel
 
+from herder.api_control import update_fields
 from herder.api_models import (
     AckRequest,
     AgentList,
@@ -201,6 +202,41 @@ class HerderClient(FullLogMixin, RequestLoop):
 
     def cancel_job(self, job_id: int) -> JobView:
         return self._call(JobView, "POST", f"/jobs/{int(job_id)}/cancel", idempotent=True)
+
+    # --------------------------------------------------------------- control
+
+    def pause_job(self, job_id: int, *, kill: bool = False) -> JobView:
+        """Pause a job: nothing of it starts any more; ``kill``: its running tasks are
+        stopped now and queued again (no failure counted). ConflictError unless queued
+        or running."""
+        return self._call(
+            JobView, "POST", f"/jobs/{int(job_id)}/pause", json={"kill": kill}, idempotent=False
+        )
+
+    def resume_job(self, job_id: int) -> JobView:
+        """Resume a paused job (ConflictError for one that is not paused)."""
+        return self._call(JobView, "POST", f"/jobs/{int(job_id)}/resume", idempotent=False)
+
+    def retry_job(self, job_id: int) -> JobView:
+        """Queue a failed or cancelled job's failed and cancelled tasks again, with fresh
+        attempt budgets (ConflictError for a job in any other state)."""
+        return self._call(JobView, "POST", f"/jobs/{int(job_id)}/retry", idempotent=False)
+
+    def update_job(
+        self,
+        job_id: int,
+        *,
+        priority: int | None = None,
+        tags: list[str] | None = None,
+        cpus: int | None = None,
+        ram_mb: int | None = None,
+        max_attempts: int | None = None,
+    ) -> JobView:
+        """Change a live job (``PATCH /jobs/{id}``): priority, tags, cpus, ram_mb of its
+        tasks not started yet, max_attempts of every task not finished. ApiError 422
+        naming a bad field (nothing changed), ConflictError for a finished job."""
+        body = update_fields(priority, tags, cpus, ram_mb, max_attempts)
+        return self._call(JobView, "PATCH", f"/jobs/{int(job_id)}", json=body, idempotent=True)
 
     def job_events(self, job_id: int, after: int = 0, limit: int | None = None) -> list[EventView]:
         params: dict[str, str | int | float] = {"after": int(after)}

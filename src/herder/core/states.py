@@ -32,6 +32,9 @@ class TaskEvent(StrEnum):
     FAIL = "fail"  # command failed, no attempts left
     RELEASE = "release"  # the agent handed the task back (shutdown, launch failure)
     CANCEL = "cancel"  # the user or a failed stage cancelled it
+    PREEMPT = "preempt"  # a pause --kill stopped it: queued again, no failure counted
+    RETRY = "retry"  # the user retried its job: queued again with a fresh budget
+    RETRY_BLOCKED = "retry_blocked"  # the same, in a stage still waiting for its previous one
 
 
 class JobState(StrEnum):
@@ -50,6 +53,7 @@ class JobEvent(StrEnum):
     SUCCEED = "succeed"
     FAIL = "fail"
     CANCEL = "cancel"
+    RETRY = "retry"  # the user retried a failed or cancelled job's tasks
 
 
 class IllegalTransition(Exception):
@@ -87,6 +91,12 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (_T.QUEUED, _E.CANCEL): _T.CANCELLED,
     (_T.OFFERED, _E.CANCEL): _T.CANCELLED,
     (_T.RUNNING, _E.CANCEL): _T.CANCELLED,
+    (_T.OFFERED, _E.PREEMPT): _T.QUEUED,
+    (_T.RUNNING, _E.PREEMPT): _T.QUEUED,
+    (_T.FAILED, _E.RETRY): _T.QUEUED,
+    (_T.CANCELLED, _E.RETRY): _T.QUEUED,
+    (_T.FAILED, _E.RETRY_BLOCKED): _T.BLOCKED,
+    (_T.CANCELLED, _E.RETRY_BLOCKED): _T.BLOCKED,
 }
 
 TASK_TERMINAL: frozenset[TaskState] = frozenset({_T.SUCCEEDED, _T.FAILED, _T.CANCELLED})
@@ -127,11 +137,17 @@ JOB_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (_J.PAUSED, _JE.RESUME): _J.RUNNING,
     (_J.QUEUED, _JE.SUCCEED): _J.SUCCEEDED,  # a job whose every task was already done
     (_J.RUNNING, _JE.SUCCEED): _J.SUCCEEDED,
+    # A paused job's running tasks finish (a pause without --kill): the last
+    # success ends the job, a failure for good fails it.
+    (_J.PAUSED, _JE.SUCCEED): _J.SUCCEEDED,
     (_J.QUEUED, _JE.FAIL): _J.FAILED,
     (_J.RUNNING, _JE.FAIL): _J.FAILED,
+    (_J.PAUSED, _JE.FAIL): _J.FAILED,
     (_J.QUEUED, _JE.CANCEL): _J.CANCELLED,
     (_J.RUNNING, _JE.CANCEL): _J.CANCELLED,
     (_J.PAUSED, _JE.CANCEL): _J.CANCELLED,
+    (_J.FAILED, _JE.RETRY): _J.RUNNING,
+    (_J.CANCELLED, _JE.RETRY): _J.RUNNING,
 }
 
 JOB_TERMINAL: frozenset[JobState] = frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED})

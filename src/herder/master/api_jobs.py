@@ -10,11 +10,13 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
+from herder.api_control import JobPause, JobUpdate
 from herder.api_limits import INT64_MAX
 from herder.api_models import (
     BlobMissing,
     BlobQuery,
     BlobStored,
+    ErrorBody,
     EventList,
     FollowView,
     JobList,
@@ -40,6 +42,7 @@ from herder.master.context import (
     validation_error,
 )
 from herder.records import FollowPage
+from herder.store.control import JobChanges
 
 DigestPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
 FOLLOW_WAIT_MAX_S = 60.0
@@ -135,6 +138,43 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     @app.post("/api/v1/jobs/{job_id}/cancel", response_model=JobView, responses=ERRORS)
     async def cancel_job(job_id: IdPath) -> Response:
         return json_response(await ctx.call(service.cancel_job, job_id, "cancelled by user"))
+
+    control_errors = {
+        **ERRORS,
+        404: {"model": ErrorBody, "description": "no such job"},
+        409: {"model": ErrorBody, "description": "not allowed in the job's state"},
+    }
+
+    @app.post("/api/v1/jobs/{job_id}/pause", response_model=JobView, responses=control_errors)
+    async def pause_job(job_id: IdPath, body: JobPause | None = None) -> Response:
+        """Pause a queued or running job: nothing of it starts any more.
+
+        Its running tasks finish; with `kill` they are stopped now and queued
+        again, no failure counted. 409 for a job in any other state.
+        """
+        kill = body.kill if body is not None else False
+        return json_response(await ctx.call(service.pause_job, job_id, kill))
+
+    @app.post("/api/v1/jobs/{job_id}/resume", response_model=JobView, responses=control_errors)
+    async def resume_job(job_id: IdPath) -> Response:
+        """Resume a paused job; 409 for a job that is not paused."""
+        return json_response(await ctx.call(service.resume_job, job_id))
+
+    @app.post("/api/v1/jobs/{job_id}/retry", response_model=JobView, responses=control_errors)
+    async def retry_job(job_id: IdPath) -> Response:
+        """Retry a failed or cancelled job: its failed and cancelled tasks are queued again
+        with fresh attempt budgets and the job runs. 409 for a job in any other state."""
+        return json_response(await ctx.call(service.retry_job, job_id))
+
+    @app.patch("/api/v1/jobs/{job_id}", response_model=JobView, responses=control_errors)
+    async def update_job(job_id: IdPath, body: JobUpdate) -> Response:
+        """Change a queued, running or paused job (422 naming a bad field, nothing changed).
+
+        priority, tags, cpus and ram_mb apply to its tasks not started yet,
+        max_attempts to every task of it not finished. 409 for a finished job.
+        """
+        changes = JobChanges(**body.model_dump(exclude_none=True))
+        return json_response(await ctx.call(service.update_job, job_id, changes))
 
     @app.get("/api/v1/jobs/{job_id}/events", response_model=EventList, responses=ERRORS)
     async def job_events(

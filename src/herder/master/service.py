@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         JobView,
     )
     from herder.store import ClaimOutcome, Store
+    from herder.store.control import JobChanges
     from herder.store.stops import CancelledAttempt
 
 log = logging.getLogger("herder.master")
@@ -126,6 +127,36 @@ class MasterService:
 
     def cancel_job(self, job_id: int, reason: str = "cancelled by user") -> JobView:
         view = self.store.cancel_job(job_id, reason)
+        self.changed.notify()
+        return view
+
+    def pause_job(self, job_id: int, kill: bool = False) -> JobView:
+        """Nothing of the job starts any more; with ``kill`` its running tasks are requeued now."""
+        view = self.store.pause_job(job_id, kill=kill)
+        log.info("event=job_paused job_id=%d kill=%s", job_id, kill)
+        self.changed.notify()
+        return view
+
+    def resume_job(self, job_id: int) -> JobView:
+        view = self.store.resume_job(job_id)
+        log.info("event=job_resumed job_id=%d", job_id)
+        self.work_arrived()
+        self.changed.notify()
+        return view
+
+    def retry_job(self, job_id: int) -> JobView:
+        view = self.store.retry_job(job_id)
+        log.info("event=job_retried job_id=%d", job_id)
+        self.work_arrived()
+        self.changed.notify()
+        return view
+
+    def update_job(self, job_id: int, changes: JobChanges) -> JobView:
+        view = self.store.update_job(job_id, changes)
+        log.info(
+            "event=job_updated job_id=%d fields=%s", job_id, ",".join(sorted(changes.fields()))
+        )
+        self.work_arrived()  # a task may fit an agent now (tags, cpus, ram)
         self.changed.notify()
         return view
 

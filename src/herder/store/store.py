@@ -12,7 +12,7 @@ Rules (DESIGN §2, §5, §10):
   are retried on deadlock or serialization failure.
 
 ``Store`` is composed of mixins, one module per thing it owns: ``tx``
-(transactions, the clock), ``jobs``, ``claims``, ``completions``, ``leases``
+(transactions, the clock), ``jobs``, ``control`` (pause, resume, retry, change), ``claims``, ``completions``, ``leases``
 (heartbeats, reaper, locks), ``retention`` (pruning under the maintenance
 lock), ``agents``, ``masters`` (the directory), ``blobs``, ``logs`` (events
 and logs) and, when present, ``results``.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from herder.store.agents import AgentsMixin
 from herder.store.common import REAPER_LOCK, ClaimOutcome, MasterStatus, SubmittedJob, WakeTarget
+from herder.store.control import ControlMixin, JobChanges
 from herder.store.leases import LeasesMixin
 from herder.store.masters import MastersMixin
 from herder.store.retention import PruneReport, RetentionMixin, RetentionPolicy
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover - the results module is optional
 __all__ = [
     "REAPER_LOCK",
     "ClaimOutcome",
+    "JobChanges",
     "MasterStatus",
     "PruneReport",
     "RetentionPolicy",
@@ -46,5 +48,5 @@ __all__ = [
 ]
 
 
-class Store(RetentionMixin, LeasesMixin, AgentsMixin, MastersMixin, ResultsMixin):
+class Store(RetentionMixin, LeasesMixin, AgentsMixin, MastersMixin, ResultsMixin, ControlMixin):
     """Synchronous, thread-safe access to the farm's database."""
