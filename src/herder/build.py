@@ -236,18 +236,23 @@ class Build:
 
     # ---------------------------------------------------------------- submit
 
-    def _submit(self, index: int, run: SetRun) -> int | None:
-        remote = [a for a in run.actions if a.action.remote]
-        if not remote:
-            return None
+    def _hash_requires(
+        self, remote: list[ActionRun]
+    ) -> tuple[dict[str, tuple[str, int, int]], dict[str, Path]]:
+        """Every required file of the remote actions exists: hash them (``hash_files``)."""
         for a in remote:
             for p in a.action.requires:
                 if not resolve_inside(self.workdir, p).is_file():
                     raise BuildError(
                         f"line {a.action.line}: required file {p!r} of {a.label} does not exist in {self.workdir}"
                     )
-        paths = sorted({p for a in remote for p in a.action.requires})
-        hashed, where = hash_files(self.workdir, paths)
+        return hash_files(self.workdir, sorted({p for a in remote for p in a.action.requires}))
+
+    def _submit(self, index: int, run: SetRun) -> int | None:
+        remote = [a for a in run.actions if a.action.remote]
+        if not remote:
+            return None
+        hashed, where = self._hash_requires(remote)
         blobs = self._ship(where)
         tasks = [
             TaskSpec(

@@ -46,8 +46,6 @@ import httpx
 
 from herder.agent.config import Backoff
 from herder.build import ActionRun, Build, BuildError, LocalAction, Reporter, SetRun, _exit_text
-from herder.client.files import hash_files
-from herder.paths import resolve_inside
 from herder.rakefile import Rakefile
 
 log = logging.getLogger("herder.direct")
@@ -339,15 +337,7 @@ class DirectBuild(Build):
 
     def _submit(self, index: int, run: SetRun) -> int | None:
         """Hash the set's required files (nothing is submitted: there is no farm)."""
-        remote = [a for a in run.actions if a.action.remote]
-        for a in remote:
-            for p in a.action.requires:
-                if not resolve_inside(self.workdir, p).is_file():
-                    raise BuildError(
-                        f"line {a.action.line}: required file {p!r} of {a.label} does not exist in {self.workdir}"
-                    )
-        paths = sorted({p for a in remote for p in a.action.requires})
-        self._hashed, self._where = hash_files(self.workdir, paths)
+        self._hashed, self._where = self._hash_requires([a for a in run.actions if a.action.remote])
         return None
 
     def _run_set(self, index: int, run: SetRun) -> bool:

@@ -41,7 +41,6 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
-import json
 import logging
 import os
 import re
@@ -49,13 +48,14 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from herder.agent.executor import ExecSpec, Executor
+from herder.agent.jsonhttp import HttpError as _Error
+from herder.agent.jsonhttp import JsonHandler, JsonServer
 from herder.agent.talkback import parse_bind
 from herder.api_models import TaskSpec
 
@@ -89,12 +89,6 @@ def parse_allow(value: str | Iterable[str]) -> list[Network]:
     if not nets:
         raise ValueError("--direct-allow: no network given")
     return nets
-
-
-class _Error(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass
@@ -292,9 +286,7 @@ def _read_log(path: os.PathLike[str]) -> tuple[str, bool]:
     return data[:LOG_MAX].decode(errors="replace"), cut
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Server(JsonServer):
     request_queue_size = 128
     direct: DirectServer
 
@@ -303,51 +295,17 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
     server_version = "herder-direct"
-    # Headers and body are two writes: without TCP_NODELAY each answer would
-    # wait for the client's delayed ACK (40 ms), four times per action.
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("event=direct_request %s", format % args)
-
-    def _send(
-        self, status: int, body: dict[str, Any] | bytes, extra: dict[str, str] | None = None
-    ) -> None:
-        if isinstance(body, bytes):
-            data, ctype = body, "application/octet-stream"
-        else:
-            data, ctype = json.dumps(body).encode(), "application/json"
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+    log = log
+    log_prefix = "direct"
 
     def _raw(self, limit: int) -> bytes:
-        length = (self.headers.get("Content-Length") or "0").strip()
-        if not length.isdigit():
-            raise _Error(400, "bad_request", "invalid Content-Length")
-        n = int(length)
-        if n > limit:
-            self.close_connection = True  # the body is not read
-            raise _Error(413, "too_large", f"body larger than {limit} bytes")
-        return self.rfile.read(n) if n else b""
+        return self._read_raw(limit)
 
     def _json(self) -> dict[str, Any]:
-        raw = self._raw(MAX_JSON_BODY)
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError:
-            raise _Error(400, "malformed_json", "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise _Error(400, "malformed_json", "the request body must be a JSON object")
-        return data
+        return self._read_json(MAX_JSON_BODY)
 
     def _handle(self, method: str) -> None:
         d = self.server.direct
@@ -386,25 +344,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Error(405, "method_not_allowed", f"{path} takes {route[0]}")
             self._send(200, route[1]())
         except _Error as exc:
-            extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            self._send(exc.status, {"error": exc.code, "message": exc.message}, extra)
+            self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away; nothing to answer
-        except Exception as exc:  # never a stack trace on the wire
-            log.exception("event=direct_error path=%s", self.path)
-            self._send(500, {"error": "internal", "message": f"agent error: {type(exc).__name__}"})
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
+        except Exception as exc:
+            self._send_internal(exc)
 
 
 __all__ = [

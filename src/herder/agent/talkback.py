@@ -27,13 +27,14 @@ cannot be reached still finds its work by claiming.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import secrets
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
+
+from herder.agent.jsonhttp import HttpError as _Error
+from herder.agent.jsonhttp import JsonHandler, JsonServer
 
 log = logging.getLogger("herder.agent.talkback")
 
@@ -68,15 +69,7 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Error(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class _Server(JsonServer):
     talkback: TalkbackServer
 
 
@@ -84,47 +77,14 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
     server_version = "herder-talkback"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("event=talkback_request %s", format % args)
-
-    # ------------------------------------------------------------ plumbing
-
-    def _send(
-        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+    log = log
+    log_prefix = "talkback"
 
     def _body(self) -> dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.strip():
-            return {}
-        if not length.strip().isdigit():
-            raise _Error(400, "bad_request", "invalid Content-Length")
-        n = int(length)
-        if n > MAX_BODY:
-            raise _Error(413, "too_large", f"body larger than {MAX_BODY} bytes")
-        raw = self.rfile.read(n) if n else b""
-        if not raw.strip():
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise _Error(400, "malformed_json", "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise _Error(400, "malformed_json", "the request body must be a JSON object")
-        return data
+        return self._read_json(MAX_BODY)
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization") or ""
@@ -159,23 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = route[1](body)
             self._send(status, answer)
         except _Error as exc:
-            extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            self._send(exc.status, {"error": exc.code, "message": exc.message}, extra)
-        except Exception as exc:  # never a stack trace on the wire
-            log.exception("event=talkback_error path=%s", self.path)
-            self._send(500, {"error": "internal", "message": f"agent error: {type(exc).__name__}"})
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
+            self._send_error(exc)
+        except Exception as exc:
+            self._send_internal(exc)
 
 
 class TalkbackServer:
