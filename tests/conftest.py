@@ -6,6 +6,7 @@ marked ``postgres`` and is never skipped (see tests/pg.py).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pg
+
+# Masters are secure by default (issue 11): every request needs a token. Tests
+# that are not about authorization run theirs without (`--insecure-no-auth`,
+# MasterConfig(auth=False)), through this variable, which every master started
+# here reads, in-process or as a child process. Tests about authorization
+# start theirs with MasterConfig(auth=True) or LocalFarm(auth=True).
+os.environ["HERDER_INSECURE_NO_AUTH"] = "1"
 
 
 @pytest.fixture(scope="session")

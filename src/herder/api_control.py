@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from herder.api_base import _In
 from herder.api_limits import RAM_MB_MAX
@@ -38,14 +38,27 @@ class JobUpdate(_In):
     )
     cpus: int | None = Field(default=None, ge=0, le=4096)
     ram_mb: int | None = Field(default=None, ge=0, le=RAM_MB_MAX)
+    gpus: int | None = Field(default=None, ge=0, le=1024)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_valid(cls, v: list[str] | None) -> list[str] | None:
+        from herder.api_models import task_tags_problem  # api_models imports this module
+
+        problem = None if v is None else task_tags_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _something(self) -> JobUpdate:
         if not self.model_fields_set or all(
             getattr(self, k) is None for k in self.model_fields_set
         ):
-            raise ValueError("nothing to change: give priority, tags, cpus, ram_mb or max_attempts")
+            raise ValueError(
+                "nothing to change: give priority, tags, cpus, ram_mb, gpus or max_attempts"
+            )
         return self
 
 
@@ -55,6 +68,7 @@ def update_fields(
     cpus: int | None = None,
     ram_mb: int | None = None,
     max_attempts: int | None = None,
+    gpus: int | None = None,
 ) -> dict[str, object]:
     """A ``JobUpdate`` body of the given fields (None: unchanged), unvalidated."""
     given = {
@@ -62,6 +76,7 @@ def update_fields(
         "tags": tags,
         "cpus": cpus,
         "ram_mb": ram_mb,
+        "gpus": gpus,
         "max_attempts": max_attempts,
     }
     return {k: v for k, v in given.items() if v is not None}

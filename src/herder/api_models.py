@@ -7,15 +7,56 @@ silently ignored setting.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from herder.api_agent import AckRequest as AckRequest
+from herder.api_agent import AgentLimits as AgentLimits
+from herder.api_agent import AgentList as AgentList
+from herder.api_agent import AgentRegister as AgentRegister
+from herder.api_agent import AgentView as AgentView
+from herder.api_agent import ClaimRequest as ClaimRequest
+from herder.api_agent import ClaimResponse as ClaimResponse
+from herder.api_agent import Completion as Completion
+from herder.api_agent import CompletionResult as CompletionResult
+from herder.api_agent import Heartbeat as Heartbeat
+from herder.api_agent import HeartbeatResponse as HeartbeatResponse
+from herder.api_agent import LogAppend as LogAppend
+from herder.api_agent import LogChunk as LogChunk
+from herder.api_agent import Offer as Offer
+from herder.api_agent import Outcome as Outcome
+from herder.api_agent import OwnerShareList as OwnerShareList
+from herder.api_agent import OwnerShareView as OwnerShareView
+from herder.api_agent import ResourceUsage as ResourceUsage
+from herder.api_agent import RunningAttempt as RunningAttempt
+from herder.api_agent import ShareUpdate as ShareUpdate
 from herder.api_base import _In, _Out
+from herder.api_common import DEPENDS_ON_MAX as DEPENDS_ON_MAX
+from herder.api_common import DIGEST_RE as DIGEST_RE
+from herder.api_common import FOLLOW_INLINE_MAX as FOLLOW_INLINE_MAX
+from herder.api_common import FOLLOW_LOG_MAX as FOLLOW_LOG_MAX
+from herder.api_common import GPUS_MAX as GPUS_MAX
+from herder.api_common import INLINE_OUTPUT_MAX as INLINE_OUTPUT_MAX
+from herder.api_common import INLINE_REQUIRE_MAX as INLINE_REQUIRE_MAX
+from herder.api_common import INLINE_TOTAL_MAX as INLINE_TOTAL_MAX
+from herder.api_common import OUTPUTS_MAX as OUTPUTS_MAX
+from herder.api_common import SUBMIT_INLINE_MAX as SUBMIT_INLINE_MAX
+from herder.api_common import TAGS_MAX as TAGS_MAX
+from herder.api_common import AgentMode as AgentMode
+from herder.api_common import Digest as Digest
+from herder.api_common import FrameOrder as FrameOrder
+from herder.api_common import JobStateName as JobStateName
+from herder.api_common import OnParentFailure as OnParentFailure
+from herder.api_common import OutputFile as OutputFile
+from herder.api_common import RequiredFile as RequiredFile
+from herder.api_common import TaskStateName as TaskStateName
+from herder.api_common import _check_output_name, _check_tags
+from herder.api_common import agent_tags_problem as agent_tags_problem
+from herder.api_common import decode_inline as decode_inline
+from herder.api_common import encode_inline as encode_inline
+from herder.api_common import task_tags_problem as task_tags_problem
 from herder.api_directory import MasterFailureList as MasterFailureList
 from herder.api_directory import MasterFailureReport as MasterFailureReport
 from herder.api_directory import MasterFailureView as MasterFailureView
@@ -27,90 +68,14 @@ from herder.api_limits import (
     COMMAND_TOTAL_MAX,
     RAM_MB_MAX,
     TIMEOUT_MAX_S,
-    Int64,
     RowId,
-    Token,
     command_problem,
     env_problem,
     exec_size,
-    replace_nul,
 )
-from herder.names import name_problem
-from herder.paths import UnsafePath, normalize_relpath
-
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
-TaskStateName = Literal[
-    "blocked", "queued", "offered", "running", "succeeded", "failed", "cancelled"
-]
-JobStateName = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
-#: How an agent gets work: from a master, or from the database itself (DESIGN §6).
-AgentMode = Literal["master", "autonomous"]
-
-#: Small files travel inside the claim round trip instead of a blob request
-#: each (DESIGN §10): required files up to INLINE_REQUIRE_MAX in an offer,
-#: outputs up to INLINE_OUTPUT_MAX in a completion, INLINE_TOTAL_MAX in all.
-INLINE_REQUIRE_MAX = 64 * 1024
-INLINE_OUTPUT_MAX = 256 * 1024
-INLINE_TOTAL_MAX = 1024 * 1024
-#: A submission may carry its small input files inline (each up to
-#: INLINE_REQUIRE_MAX, SUBMIT_INLINE_MAX in all) instead of a PUT each.
-SUBMIT_INLINE_MAX = 16 * 1024 * 1024
-#: A followed job's results carry logs up to FOLLOW_LOG_MAX characters per
-#: stream and outputs up to INLINE_OUTPUT_MAX each, FOLLOW_INLINE_MAX per page.
-FOLLOW_LOG_MAX = 64 * 1024
-FOLLOW_INLINE_MAX = 4 * 1024 * 1024
-
-
-def decode_inline(blobs: dict[str, str]) -> dict[str, bytes]:
-    """``{sha256: base64}`` → ``{sha256: bytes}``; ValueError names a bad entry."""
-    out: dict[str, bytes] = {}
-    for digest, text in blobs.items():
-        try:
-            out[digest] = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"inline blob {digest}: not valid base64") from None
-    return out
-
-
-def encode_inline(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-#: The most output files one completion may list.
-OUTPUTS_MAX = 100_000
-
-
-def _check_relpath(value: str) -> str:
-    try:
-        norm = normalize_relpath(value)
-    except UnsafePath as exc:
-        raise ValueError(str(exc)) from None
-    problem = name_problem(norm)
-    if problem is not None:
-        raise ValueError(f"path {problem}")
-    return norm
-
-
-def _check_output_name(value: str) -> str:
-    # A backslash is a fine POSIX name but no output of that name can be
-    # brought back portably: refused at submission instead of on an agent.
-    if "\\" in value:
-        raise ValueError(f"path contains a backslash: {value!r}")
-    return _check_relpath(value)
-
+from herder.taskwatch import STUCK_TIMEOUT_MAX_S, progress_pattern_problem
 
 # --------------------------------------------------------------------- submit
-
-
-class RequiredFile(_In):
-    path: str = Field(
-        description="relative to the job root; staged at the same path in the sandbox"
-    )
-    digest: Digest
-    mode: int | None = Field(default=None, ge=0, le=0o7777, description="file mode bits")
-
-    _norm = field_validator("path")(_check_relpath)
 
 
 class TaskSpec(_In):
@@ -124,9 +89,38 @@ class TaskSpec(_In):
     env: dict[str, str] = Field(default_factory=dict)
     timeout_s: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX_S)
     max_attempts: int = Field(default=1, ge=1, le=100)
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(
+        default_factory=list,
+        max_length=TAGS_MAX,
+        description="tags the agent must have; `!tag`: the agent must not have it",
+    )
     cpus: int = Field(default=1, ge=0, le=4096)
     ram_mb: int = Field(default=0, ge=0, le=RAM_MB_MAX)
+    gpus: int = Field(default=0, ge=0, le=GPUS_MAX)
+    progress_pattern: str | None = Field(
+        default=None,
+        description="regex with one group, a number 0-100, matched against each output line: "
+        "the task's progress (herder.taskwatch)",
+    )
+    stuck_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=STUCK_TIMEOUT_MAX_S,
+        description="kill the task (a command failure) after this long without output",
+    )
+
+    @field_validator("progress_pattern")
+    @classmethod
+    def _progress_pattern_ok(cls, v: str | None) -> str | None:
+        problem = None if v is None else progress_pattern_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _task_tags(cls, v: list[str]) -> list[str]:
+        return _check_tags(v, negation=True)
 
     @field_validator("command")
     @classmethod
@@ -173,11 +167,32 @@ class JobSubmit(_In):
     priority: int = Field(default=0, ge=-1000, le=1000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     stages: list[StageSpec] = Field(min_length=1, max_length=10_000)
+    depends_on: list[RowId] = Field(
+        default_factory=list,
+        max_length=DEPENDS_ON_MAX,
+        description="ids of jobs that must all succeed before any task of this one starts "
+        "(each must exist; repeats count once)",
+    )
+    on_parent_failure: OnParentFailure = Field(
+        default="fail",
+        description="a parent failed or was cancelled: fail this job too, or hold it until "
+        "that parent is retried and succeeds",
+    )
+    frame_order: FrameOrder = Field(
+        default="sequential",
+        description="first-last-middle: each stage dispatches its first task, its last, "
+        "then middle-out (tasks keep their names; task ids follow dispatch order)",
+    )
     blobs: dict[Digest, str] = Field(
         default_factory=dict,
         description="small input files inline, sha256 → base64 (each at most 64 KiB, "
         "16 MiB in all); stored as if uploaded, each checked against its digest",
     )
+
+    @field_validator("depends_on")
+    @classmethod
+    def _parents_once(cls, v: list[int]) -> list[int]:
+        return list(dict.fromkeys(v))
 
     @field_validator("blobs")
     @classmethod
@@ -206,15 +221,6 @@ class JobSubmitted(_Out):
 # ------------------------------------------------------------------- results
 
 
-class OutputFile(_In):
-    path: str
-    digest: Digest
-    size: Int64 = Field(ge=0)
-    mode: int = Field(default=0o644, ge=0, le=0o7777)
-
-    _norm = field_validator("path")(_check_relpath)
-
-
 class AttemptView(_Out):
     id: int
     href: str
@@ -230,6 +236,10 @@ class AttemptView(_Out):
     log_href: str
     stdout_len: int = Field(0, description="characters of stdout recorded so far")
     stderr_len: int = Field(0, description="characters of stderr recorded so far")
+    progress: float | None = Field(None, description="latest progress (0-100) its agent reported")
+    peak_rss_mb: int | None = Field(
+        None, description="highest RSS of its process group the agent saw, MB"
+    )
 
 
 class TaskView(_Out):
@@ -248,12 +258,17 @@ class TaskView(_Out):
     max_attempts: int
     tags: list[str] = Field(default_factory=list)
     cpus: int
-    ram_mb: int
+    ram_mb: int = Field(description="raised by memory-aware retries (herder.core.rules)")
+    gpus: int = 0
     failures: int = 0
     infra_failures: int = 0
     exit_code: int | None = None
     error: str | None = None
     attempts: list[AttemptView] = Field(default_factory=list)
+    progress_pattern: str | None = None
+    stuck_timeout_s: float | None = None
+    memory_failures: int = 0
+    progress: float | None = Field(None, description="its latest attempt's progress (0-100)")
 
 
 class StageView(_Out):
@@ -262,6 +277,15 @@ class StageView(_Out):
     state: str  # blocked, queued, running, succeeded, failed, cancelled
     counts: dict[str, int]
     tasks: list[TaskView] = Field(default_factory=list)
+
+
+class JobLink(_Out):
+    """Another job, by reference (seeds/001: resources link with ``href``)."""
+
+    id: int
+    href: str
+    name: str
+    state: JobStateName
 
 
 class JobView(_Out):
@@ -278,6 +302,14 @@ class JobView(_Out):
     finished_at: datetime | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     stages: list[StageView] = Field(default_factory=list)
+    depends_on: list[JobLink] = Field(
+        default_factory=list, description="the jobs this one waits for (its parents)"
+    )
+    dependents: list[JobLink] = Field(
+        default_factory=list, description="the jobs that wait for this one (its children)"
+    )
+    on_parent_failure: OnParentFailure = "fail"
+    frame_order: FrameOrder = "sequential"
 
 
 class JobSummary(_Out):
@@ -296,186 +328,6 @@ class JobSummary(_Out):
 
 class JobList(_Out):
     jobs: list[JobSummary]
-
-
-# --------------------------------------------------------------------- agents
-
-
-class ResourceUsage(_In):
-    ram_used_mb: float | None = Field(default=None, ge=0)
-    ram_total_mb: float | None = Field(default=None, ge=0)
-    cpu_percent: float | None = Field(default=None, ge=0)
-    load_1m: float | None = Field(default=None, ge=0)
-    disk_free_mb: float | None = Field(default=None, ge=0)
-    io_read_bytes: Int64 | None = Field(default=None, ge=0)
-    io_write_bytes: Int64 | None = Field(default=None, ge=0)
-
-
-class AgentRegister(_In):
-    agent_id: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
-        description="kept in the agent's state dir",
-    )
-    name: str = Field(min_length=1, max_length=200)
-    hostname: str = Field(min_length=1, max_length=255)
-    slots: int = Field(ge=1, le=4096)
-    tags: list[str] = Field(default_factory=list)
-    cpus: int = Field(default=1, ge=1, le=4096)
-    ram_mb: int = Field(default=0, ge=0, le=RAM_MB_MAX)
-    talkback_url: str | None = Field(
-        default=None, max_length=500, description="the agent's talkback endpoint (DESIGN §4)"
-    )
-    talkback_token: str | None = Field(
-        default=None,
-        min_length=16,
-        max_length=200,
-        description="bearer token a master sends to the talkback endpoint; never shown back",
-    )
-    version: str | None = None
-    mode: AgentMode | None = Field(
-        default=None, description="autonomous: it claimed from the database while masters were down"
-    )
-
-
-class AgentView(_Out):
-    id: str
-    href: str
-    name: str
-    hostname: str
-    slots: int
-    tags: list[str]
-    cpus: int
-    ram_mb: int
-    state: str  # online, draining, offline
-    registered_at: datetime
-    last_seen_at: datetime | None
-    running: int = 0
-    usage: ResourceUsage | None = None
-    talkback_url: str | None = None
-    mode: AgentMode = "master"
-
-
-class AgentList(_Out):
-    agents: list[AgentView]
-
-
-class LogChunk(_In):
-    stream: Literal["stdout", "stderr"]
-    data: str
-
-    _storable = field_validator("data")(replace_nul)
-
-
-Outcome = Literal["exited", "timeout", "launch_failed", "released", "cancelled"]
-
-
-class Completion(_In):
-    attempt_id: RowId
-    token: Token
-    outcome: Outcome
-    exit_code: Int64 | None = None
-    error: str | None = Field(default=None, max_length=10_000)
-    outputs: list[OutputFile] = Field(default_factory=list, max_length=OUTPUTS_MAX)
-    log: list[LogChunk] = Field(default_factory=list, description="output not yet streamed")
-    blobs: dict[Digest, str] = Field(
-        default_factory=dict,
-        description="small outputs inline, sha256 → base64 (at most 1 MiB decoded in all); "
-        "stored as if uploaded, each checked against its digest",
-    )
-
-    @field_validator("blobs")
-    @classmethod
-    def _blobs_fit(cls, v: dict[str, str]) -> dict[str, str]:
-        total = sum(len(b) for b in decode_inline(v).values())
-        if total > INLINE_TOTAL_MAX:
-            raise ValueError(f"inline blobs total {total} bytes, more than {INLINE_TOTAL_MAX}")
-        return v
-
-    @field_validator("error")
-    @classmethod
-    def _error_storable(cls, v: str | None) -> str | None:
-        return None if v is None else replace_nul(v)
-
-
-class ClaimRequest(_In):
-    max_tasks: int = Field(ge=0, le=1000)
-    wait_s: float = Field(
-        default=0.0, ge=0.0, le=120.0, description="long-poll for up to this long"
-    )
-    completions: list[Completion] = Field(default_factory=list)
-    acks: list[RowId] = Field(default_factory=list, description="attempt ids now running")
-
-
-class Offer(_Out):
-    attempt_id: int
-    token: str
-    task_id: int
-    job_id: int
-    href: str
-    command: str | list[str]
-    env: dict[str, str]
-    requires: list[RequiredFile]
-    outputs: list[str] | None
-    timeout_s: float | None
-    lease_expires_at: datetime
-    ack_deadline: datetime
-    inline: dict[str, str] = Field(
-        default_factory=dict,
-        description="bytes of small required files, sha256 → base64, so the agent need "
-        "not fetch them; any other required file is fetched from the blob store",
-    )
-
-
-class CompletionResult(_Out):
-    attempt_id: int
-    result: Literal["accepted", "stale"]
-    task_state: TaskStateName | None = None
-
-
-class ClaimResponse(_Out):
-    offers: list[Offer]
-    completions: list[CompletionResult] = Field(default_factory=list)
-    lease_s: float
-    drain: bool = Field(
-        default=False,
-        description="an operator drained this agent: no new offers; exit once idle",
-    )
-
-
-class AckRequest(_In):
-    token: Token
-
-
-class LogAppend(_In):
-    token: Token
-    chunks: list[LogChunk] = Field(min_length=1)
-
-
-class RunningAttempt(_In):
-    attempt_id: RowId
-    token: Token
-
-
-class Heartbeat(_In):
-    running: list[RunningAttempt] = Field(default_factory=list)
-    usage: ResourceUsage | None = None
-    draining: bool = False
-    mode: AgentMode = Field(
-        default="master",
-        description="autonomous: the agent claims from the database itself (masters were down)",
-    )
-
-
-class HeartbeatResponse(_Out):
-    cancel: list[int] = Field(default_factory=list, description="attempt ids to kill")
-    lease_expires_at: datetime | None = None
-    lease_s: float
-    drain: bool = Field(
-        default=False,
-        description="an operator drained this agent (herder drain): it gets no new offers "
-        "and should exit once its running tasks have finished and been reported",
-    )
 
 
 class LogView(_Out):

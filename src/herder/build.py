@@ -94,7 +94,9 @@ class BuildClient(Protocol):
 
     def missing_blobs(self, digests: Any) -> list[str]: ...
     def put_blob(self, digest: str, data: bytes) -> Any: ...
-    def submit_job_ids(self, spec: JobSubmit) -> Any: ...
+    # inputs: {digest: file} the farm may lack, uploaded through the submission's
+    # continuation (issue 10).
+    def submit_job_ids(self, spec: JobSubmit, *, inputs: dict[str, Any] | None = ...) -> Any: ...
     def follow_job(
         self,
         job_id: int,
@@ -254,6 +256,10 @@ class Build:
             return None
         hashed, where = self._hash_requires(remote)
         blobs = self._ship(where)
+        # The rest go through the submission's continuation: the master holds the job
+        # until those it lacks are uploaded (issue 10), so a file it collected since
+        # the look-up is asked for again rather than missed.
+        inputs: dict[str, Any] = {d: p for d, p in where.items() if d not in blobs}
         tasks = [
             TaskSpec(
                 name=a.label,
@@ -271,27 +277,34 @@ class Build:
             stages=[StageSpec(name=run.actionset.name, tasks=tasks)],
             blobs=blobs,
         )
-        sub = self.client.submit_job_ids(spec)
+        # (No inputs left: everything is inline, and the submission stores it.)
+        sub = (
+            self.client.submit_job_ids(spec, inputs=inputs)
+            if inputs
+            else self.client.submit_job_ids(spec)
+        )
         run.job_id = sub.id
         for a, tid in zip(remote, sub.task_ids, strict=True):
             a.task_id = tid
         return int(sub.id)
 
     def _ship(self, where: dict[str, Path]) -> dict[str, str]:
-        """Files the farm lacks: small ones inline in the submission, big ones uploaded."""
+        """Files the farm lacks that are small: inline in the submission (the big ones
+        are uploaded through its continuation)."""
         if not where:
             return {}
         inline: dict[str, str] = {}
         total = 0
         for digest in self.client.missing_blobs(list(where)):
+            size = where[digest].stat().st_size
+            if size > INLINE_REQUIRE_MAX or total + size > SUBMIT_INLINE_MAX:
+                continue
             data = where[digest].read_bytes()
             if hashlib.sha256(data).hexdigest() != digest:
                 raise BuildError(f"{where[digest]} changed while it was being sent")
             if len(data) <= INLINE_REQUIRE_MAX and total + len(data) <= SUBMIT_INLINE_MAX:
                 inline[digest] = base64.b64encode(data).decode("ascii")
                 total += len(data)
-            else:
-                self.client.put_blob(digest, data)
         return inline
 
     # ------------------------------------------------------------------ run
@@ -420,6 +433,11 @@ class Build:
             a.started = a.finished
         a.exit_code = res.exit_code
         a.error = res.error
+        if res.state == "rejected":
+            # Never ran (its pool's ACL forbids the job's owner): no logs to fetch,
+            # the reason is its error. A failed action to the build and its report.
+            a.error, a.state = f"rejected: {res.error or 'by its pool ACL'}", "failed"
+            return True
         if res.stdout is None or res.stderr is None:
             return False
         if res.state == "succeeded" and any(o.digest not in res.blobs for o in res.outputs):

@@ -13,13 +13,20 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from herder.cli_acl import pool as pool_group
+from herder.cli_auth import token as token_group
+from herder.cli_auth import token_opt
+from herder.cli_auth import user as user_group
+from herder.cli_certs import certs as certs_group
 from herder.cli_common import Exit, _fail, _masters
 from herder.cli_daemons import agent as daemon_agent
 from herder.cli_daemons import master as daemon_master
 from herder.cli_farm import farm_client as _http_client
-from herder.cli_farm import master_timeout_opt
+from herder.cli_farm import master_timeout_opt, no_wait_opt
 from herder.cli_farm import no_master as _no_master
 from herder.cli_jobs import job as job_group
+from herder.cli_sched import limit as limit_command
+from herder.cli_sched import share as share_command
 from herder.display import markup_safe, printable
 
 if TYPE_CHECKING:
@@ -37,6 +44,8 @@ class _Group(click.Group):
     help="herder: a distributed job farm. Run a master, agents, and submit jobs.",
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
+@no_wait_opt
+@token_opt
 def app() -> None:
     pass
 
@@ -44,6 +53,12 @@ def app() -> None:
 app.add_command(daemon_master)
 app.add_command(daemon_agent)
 app.add_command(job_group)
+app.add_command(pool_group)
+app.add_command(share_command)
+app.add_command(limit_command)
+app.add_command(user_group)
+app.add_command(token_group)
+app.add_command(certs_group)
 
 _console: Console | None = None
 
@@ -124,8 +139,31 @@ def _call(fn: Any, *args: Any, _job: int | None = None, **kwargs: Any) -> Any:
 @click.argument("jobfile", type=click.Path(path_type=Path))
 @master_opt
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to finish.")
+@click.option(
+    "--depends-on",
+    "depends_on",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="JOB_ID",
+    help="A job that must succeed before this one starts (repeatable; added to the "
+    "job file's depends_on).",
+)
+@click.option(
+    "--on-parent-failure",
+    type=click.Choice(["fail", "hold"]),
+    default=None,
+    help="When a job it depends on fails: fail too, or hold until that job is retried "
+    "and succeeds (default: the job file's, else fail).",
+)
 @master_timeout_opt
-def submit(jobfile: Path, master: str, wait: bool, master_timeout: str | None) -> None:
+def submit(
+    jobfile: Path,
+    master: str,
+    wait: bool,
+    depends_on: tuple[int, ...],
+    on_parent_failure: str | None,
+    master_timeout: str | None,
+) -> None:
     """Submit a job file to a master and print its id.
 
     Exit status: 0 submitted (with --wait: succeeded), 1 the job failed or the
@@ -148,9 +186,16 @@ def submit(jobfile: Path, master: str, wait: bool, master_timeout: str | None) -
     job_spec = spec.job
     if job_spec.idempotency_key is None:
         job_spec = job_spec.model_copy(update={"idempotency_key": f"cli-{uuid.uuid4()}"})
+    from herder.cli_jobs import with_parents
+
+    job_spec = with_parents(job_spec, depends_on, on_parent_failure)
+    from herder.client.errors import HerderClientError
+
     with _client(master, master_timeout) as client:
-        _call(spec.upload, client)
-        job = _call(client.submit_job, job_spec)
+        try:  # the job is created waiting; the files it lacks are uploaded (issue 10)
+            job = _call(spec.submit, client, job_spec)
+        except HerderClientError as exc:  # e.g. a required file changed since it was hashed
+            _fail(str(exc))
         console().print(
             f"job {job.id} {job.state} {printable(job.href)}", highlight=False, markup=False
         )
@@ -195,6 +240,10 @@ def status(
         console().print(
             f"job {job.id} [bold]{markup_safe(job.name)}[/bold]: {job.state}", highlight=False
         )
+        from herder.cli_jobs import relation_lines
+
+        for line in relation_lines(job):
+            console().print(line, highlight=False, markup=False)
         for stage in job.stages:
             counts = " ".join(f"{k}={v}" for k, v in sorted(stage.counts.items()) if v)
             console().print(
@@ -205,6 +254,7 @@ def status(
             for task in stage.tasks:
                 extra = f" exit={task.exit_code}" if task.exit_code is not None else ""
                 extra += f" error={task.error}" if task.error else ""
+                extra += f" progress={task.progress:g}%" if task.progress is not None else ""
                 console().print(
                     printable(f"    task {task.id} {task.name or ''} {task.state}{extra}"),
                     highlight=False,
@@ -277,8 +327,10 @@ def agents(master: str | None, as_json: bool, master_timeout: str | None) -> Non
         if as_json:
             print(json.dumps([a.model_dump(mode="json") for a in items], indent=2))
             return
+        from herder.cli_acl import accepts_text
+
         table = _table(
-            "id", "name", "host", "state", "slots", "running", "load", "ram", "last seen"
+            "id", "name", "host", "state", "slots", "running", "load", "ram", "last seen", "accepts"
         )
         for a in items:
             u = a.usage
@@ -296,6 +348,7 @@ def agents(master: str | None, as_json: bool, master_timeout: str | None) -> Non
                 load,
                 ram,
                 seen,
+                markup_safe(accepts_text(a)),
             )
         console().print(table)
 
@@ -354,7 +407,8 @@ def drain(agent_id: str, master: str, undo: bool, master_timeout: str | None) ->
 @click.option(
     "--hosts",
     default=None,
-    help="Direct mode: agents as HOST:PORT,HOST:PORT (default: the Rakefile's HOSTS and PORT).",
+    help="Direct mode: agents as HOST:PORT,HOST:PORT (https://HOST:PORT: over TLS; default: "
+    "the Rakefile's HOSTS and PORT).",
 )
 @master_timeout_opt
 def run(

@@ -13,7 +13,27 @@ from typing import Any
 
 import click
 
+from herder.cli_auth import bootstrap_admin, insecure_opt, join_token_opt
+from herder.cli_certs import check_server_tls, tls_server_opts
 from herder.cli_common import Exit, _fail, _masters, _parse_listen
+
+
+def _ram_retry_env(param: click.Parameter, value: str | None) -> None:
+    """Check a memory-retry option and hand it to the store (herder.store.watch reads it)."""
+    if value is None:
+        return
+    from herder.store.watch import (
+        RAM_RETRY_CEILING_ENV,
+        RAM_RETRY_FACTOR_ENV,
+        ram_retry_policy_from_env,
+    )
+
+    name = RAM_RETRY_FACTOR_ENV if param.name == "ram_retry_factor" else RAM_RETRY_CEILING_ENV
+    try:
+        ram_retry_policy_from_env({name: value})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    os.environ[name] = value
 
 
 @click.command()
@@ -41,6 +61,71 @@ from herder.cli_common import Exit, _fail, _masters, _parse_listen
     help="Prune finished jobs (and blobs nothing references) this long after they finish: "
     "90s, 30m, 12h, 14d, 2w; 0 or off keeps everything.",
 )
+@click.option(
+    "--ram-retry-factor",
+    envvar="HERDER_RAM_RETRY_FACTOR",
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, param, value: _ram_retry_env(param, value),
+    help="A task killed for exceeding its RAM is retried with its ram_mb times this "
+    "(1.1-10; default 1.5).",
+)
+@click.option(
+    "--ram-retry-ceiling-mb",
+    envvar="HERDER_RAM_RETRY_CEILING_MB",
+    default=None,
+    expose_value=False,
+    callback=lambda ctx, param, value: _ram_retry_env(param, value),
+    help="The most RAM a memory retry asks for (default 65536, and at most the largest "
+    "agent's RAM).",
+)
+@click.option(
+    "--read-only",
+    is_flag=True,
+    envvar="HERDER_READ_ONLY",
+    help="Serve reads only, from a PostgreSQL hot standby (--db): writes are answered "
+    "no-service (421) naming the read-write masters. Never migrates nor writes the database.",
+)
+@click.option(
+    "--register-via",
+    multiple=True,
+    envvar="HERDER_REGISTER_VIA",
+    help="With --read-only: a read-write master URL to list this master in the directory "
+    "through (repeatable; those of the replicated directory are used too).",
+)
+@click.option(
+    "--register-token",
+    envvar="HERDER_REGISTER_TOKEN",
+    default=None,
+    help="With --read-only: the (admin) token it registers with at read-write masters.",
+)
+@click.option(
+    "--admission-workers",
+    type=click.IntRange(min=1),
+    envvar="HERDER_ADMISSION_WORKERS",
+    default=32,
+    show_default=True,
+    help="Store calls served at once; more wait in the admission queue.",
+)
+@click.option(
+    "--admission-depth",
+    type=click.IntRange(min=0),
+    envvar="HERDER_ADMISSION_DEPTH",
+    default=512,
+    show_default=True,
+    help="Calls that may wait in the admission queue; past it, requests without "
+    "priority are answered busy (503) with alternates.",
+)
+@click.option(
+    "--write-wait-s",
+    type=click.FloatRange(min=0),
+    envvar="HERDER_WRITE_WAIT_S",
+    default=10.0,
+    show_default=True,
+    help="A write without priority waiting longer than this for the database is answered busy.",
+)
+@tls_server_opts
+@insecure_opt
 def master(
     db: str,
     listen: str,
@@ -49,10 +134,24 @@ def master(
     log_level: str,
     advertise_url: str | None,
     retention: str,
+    read_only: bool,
+    register_via: tuple[str, ...],
+    register_token: str | None,
+    admission_workers: int,
+    admission_depth: int,
+    write_wait_s: float,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
-    """Run a master: the HTTP API over the job queue in the database."""
+    """Run a master: the HTTP API over the job queue in the database.
+
+    With --tls-cert/--tls-key it serves HTTPS; --ca verifies agents' https://
+    talkback endpoints (default: $HERDER_CA, else the system trust store).
+    """
     from herder.logsetup import setup_logging
     from herder.master.server import serve
+
+    check_server_tls(tls_cert, tls_key)
 
     setup_logging(log_level)
     host, port = _parse_listen(listen)
@@ -70,7 +169,31 @@ def master(
             advertise_url = normalize_advertise_url(advertise_url)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--advertise-url") from None
-    serve(db, host, port, lease_s=lease, ack_timeout_s=ack_timeout, advertise_url=advertise_url)
+    if register_via:
+        from herder.master.server import normalize_advertise_url
+
+        for url in register_via:
+            try:
+                normalize_advertise_url(url)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--register-via") from None
+    bootstrap_admin(db, read_only)  # a database without users: the first admin's token
+    serve(
+        db,
+        host,
+        port,
+        lease_s=lease,
+        ack_timeout_s=ack_timeout,
+        advertise_url=advertise_url,
+        read_only=read_only,
+        admission_workers=admission_workers,
+        admission_depth=admission_depth,
+        write_wait_s=write_wait_s,
+        register_via=list(register_via),
+        register_token=register_token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
 
 
 @click.command()
@@ -186,6 +309,32 @@ def master(
     default=0.0,
     help="Added to this agent's direct cost (commands handled over slots): prefer others.",
 )
+@click.option(
+    "--accept-owners",
+    default="",
+    help="Only take tasks of jobs of these owners, comma-separated (default: everyone's).",
+)
+@click.option(
+    "--accept-pools",
+    default="",
+    help="Only take tasks of jobs in these pools, comma-separated (default: every pool).",
+)
+@click.option("--gpus", type=click.IntRange(min=0, max=1024), default=0, help="GPUs tasks may use.")
+@click.option(
+    "--max-ram-mb",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The most RAM the farm's tasks may reserve here (default: all of it); "
+    "changeable at run time: PATCH /api/v1/agents/ID.",
+)
+@click.option(
+    "--max-load",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Take no new task while the 1-minute load average is at least this (default: no limit).",
+)
+@tls_server_opts
+@join_token_opt
 def agent(
     master: str | None,
     slots: int,
@@ -209,8 +358,18 @@ def agent(
     direct_allow: str,
     direct_token: str | None,
     direct_surcharge: float,
+    accept_owners: str,
+    accept_pools: str,
+    gpus: int,
+    max_ram_mb: int | None,
+    max_load: float | None,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Run an agent: claim tasks from the masters and run them in sandboxes.
+
+    --tls-cert/--tls-key: HTTPS on the talkback and direct listeners; --ca
+    verifies https:// masters (default: $HERDER_CA, else the system trust store).
 
     Masters come from --master, then --dns-name (via --resolver), then the master
     directory. With --self-assign and --db the agent claims from the database
@@ -224,6 +383,7 @@ def agent(
 
     if self_assign and not db:
         _fail("--self-assign needs --db (the farm's database URL)")
+    check_server_tls(tls_cert, tls_key)
     try:
         ReturnPolicy.parse(return_policy)
     except ValueError as exc:
@@ -244,7 +404,22 @@ def agent(
         "tags": [t.strip() for t in tags.split(",") if t.strip()],
         "drain_timeout_s": drain_timeout,
         "claim_ahead": claim_ahead,
+        "gpus": gpus,
+        "max_ram_mb": max_ram_mb,
+        "max_load": max_load,
     }
+    from herder.api_models import agent_tags_problem
+
+    problem = agent_tags_problem(kwargs["tags"])
+    if problem is not None:
+        _fail(f"--tags: {problem}", 2)
+    from herder.core.acl import normalize_accept, parse_names
+
+    for opt, text in (("accept_owners", accept_owners), ("accept_pools", accept_pools)):
+        try:
+            kwargs[opt] = normalize_accept(parse_names(text, "name"))
+        except ValueError as exc:
+            _fail(f"--{opt.replace('_', '-')}: {exc}", 2)
     if name:
         kwargs["name"] = name
     if state_dir is not None:
@@ -280,7 +455,10 @@ def agent(
             surcharge=direct_surcharge,
             allow=direct_allow,
             token=direct_token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
+    kwargs["tls_cert"], kwargs["tls_key"] = tls_cert, tls_key
     try:
         config = AgentConfig(**kwargs)
     except ValueError as exc:

@@ -8,11 +8,15 @@ state; 422: a bad value; 404: no such job), 75 no master answered.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from herder.cli_farm import master_timeout_opt
+
+if TYPE_CHECKING:
+    from herder.api_models import JobSubmit, JobView
 
 _master_opt = click.option(
     "--master",
@@ -88,6 +92,7 @@ def _tags(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 )
 @click.option("--cpus", type=int, default=None, help="CPUs each task needs.")
 @click.option("--ram-mb", type=int, default=None, help="RAM each task needs, in MB.")
+@click.option("--gpus", type=int, default=None, help="GPUs each task needs.")
 @click.option("--max-attempts", type=int, default=None, help="Attempts each task gets (1..100).")
 @_master_opt
 @master_timeout_opt
@@ -97,12 +102,13 @@ def set_(
     tags: list[str] | None,
     cpus: int | None,
     ram_mb: int | None,
+    gpus: int | None,
     max_attempts: int | None,
     master: str | None,
     master_timeout: str | None,
 ) -> None:
-    """Change a queued, running or paused job: priority, tags, cpus and ram of its tasks
-    not started yet, max attempts of every task not finished."""
+    """Change a waiting, queued, running or paused job: priority, tags, cpus and ram of
+    its tasks not started yet, max attempts of every task not finished."""
     from herder.cli_common import _fail
 
     fields = {
@@ -110,9 +116,39 @@ def set_(
         "tags": tags,
         "cpus": cpus,
         "ram_mb": ram_mb,
+        "gpus": gpus,
         "max_attempts": max_attempts,
     }
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
-        _fail("nothing to change: give --priority, --tags, --cpus, --ram-mb or --max-attempts", 2)
+        _fail(
+            "nothing to change: give --priority, --tags, --cpus, --ram-mb, --gpus or --max-attempts",
+            2,
+        )
     _run(master, master_timeout, job_id, "update_job", **given)
+
+
+def with_parents(
+    spec: JobSubmit, depends_on: Sequence[int], on_parent_failure: str | None
+) -> JobSubmit:
+    """``herder submit --depends-on … --on-parent-failure …`` applied to a job file's spec."""
+    update: dict[str, Any] = {}
+    if depends_on:
+        update["depends_on"] = list(dict.fromkeys([*spec.depends_on, *depends_on]))
+    if on_parent_failure is not None:
+        update["on_parent_failure"] = on_parent_failure
+    return spec.model_copy(update=update) if update else spec
+
+
+def relation_lines(job: JobView) -> list[str]:
+    """``herder status JOB``: the jobs it waits for and the jobs waiting for it."""
+    from herder.display import printable
+
+    out: list[str] = []
+    for what, links in (("depends on", job.depends_on), ("dependents", job.dependents)):
+        if links:
+            shown = ", ".join(f"{j.id} {j.name} ({j.state}) {j.href}" for j in links)
+            out.append(printable(f"  {what}: {shown}"))
+    if job.depends_on:
+        out.append(f"  on parent failure: {job.on_parent_failure}")
+    return out

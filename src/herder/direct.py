@@ -18,7 +18,13 @@ do not both pick the same idle host.
 - No host reachable for ``give_up_s`` in a row: the build stops with an error
   naming every host and what went wrong with it.
 - A host that refuses this client (its allow-list or token): the build stops
-  at once with ``HOST refused this client: …``.
+  at once with ``HOST refused this client: …``; so does a host whose TLS
+  certificate does not verify (``TLS: certificate verify failed for …``).
+
+TLS: a host given as ``https://HOST:PORT`` (or every host without a scheme,
+the Rakefile's ``HOSTS`` included, when ``$HERDER_DIRECT_TLS`` is 1) is
+reached over HTTPS and verified against ``--ca`` / ``$HERDER_CA``, else the
+system trust store (``herder.tlsconf``).
 
 The actions of one actionset run on a pool of threads sized to the total
 slots of the hosts; local actions run here, as in farm mode, and progress
@@ -54,6 +60,7 @@ __all__ = ["DirectBuild", "HostPicker", "HostRefused", "Poll", "parse_hosts"]
 
 TOKEN_ENV = "HERDER_DIRECT_TOKEN"
 GIVE_UP_ENV = "HERDER_DIRECT_GIVE_UP_S"
+TLS_ENV = "HERDER_DIRECT_TLS"  # 1: hosts without a scheme are reached over https
 
 
 class HostRefused(BuildError):
@@ -65,7 +72,10 @@ class HostDown(Exception):
 
 
 def parse_hosts(value: str) -> list[str]:
-    """``a:p,b:p`` → ``["a:p", "b:p"]`` (each needs a port); ValueError otherwise."""
+    """``a:p,https://b:p`` → ``["a:p", "https://b:p"]`` (each needs a port); ValueError otherwise.
+
+    A scheme (``http://`` or ``https://``) is kept: it overrides ``$HERDER_DIRECT_TLS``.
+    """
     from herder.hostspec import parse_host
 
     hosts = []
@@ -73,13 +83,19 @@ def parse_hosts(value: str) -> list[str]:
         word = word.strip()
         if not word:
             continue
+        scheme, sep, rest = word.partition("://")
+        if not sep:
+            scheme, rest = "", word
+        elif scheme.lower() not in ("http", "https"):
+            raise ValueError(f"--hosts: {word!r}: the scheme must be http:// or https://")
         try:
-            name, port = parse_host(word, None)
+            name, port = parse_host(rest, None)
         except ValueError as exc:
             raise ValueError(f"--hosts: {word!r}: {exc.args[0]}") from None
         if port is None:
             raise ValueError(f"--hosts: {word!r} has no port (expected HOST:PORT)")
-        hosts.append(f"[{name}]:{port}" if ":" in name else f"{name}:{port}")
+        address = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+        hosts.append(f"{scheme.lower()}://{address}" if scheme else address)
     if not hosts:
         raise ValueError("--hosts: no host given")
     return hosts
@@ -220,10 +236,20 @@ class HostPicker:
 class DirectTransport:
     """HTTP to the agents' direct listeners (one keep-alive client for all threads)."""
 
-    def __init__(self, token: str | None = None, poll_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, token: str | None = None, poll_timeout_s: float = 1.0, tls: bool | None = None
+    ) -> None:
+        from herder.tlsconf import client_verify
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.http = httpx.Client(headers=headers, limits=limits, timeout=None)
+        # https:// hosts are verified against --ca / $HERDER_CA, else the system store.
+        self.http = httpx.Client(
+            headers=headers, limits=limits, timeout=None, verify=client_verify(True)
+        )
+        if tls is None:
+            tls = os.environ.get(TLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.scheme = "https" if tls else "http"
         self.poll_timeout = httpx.Timeout(poll_timeout_s)
         self.exec_timeout = httpx.Timeout(None, connect=max(poll_timeout_s, 2.0))
         # Digests each host said it has (or was sent): not asked about again.
@@ -233,10 +259,18 @@ class DirectTransport:
     def close(self) -> None:
         self.http.close()
 
+    def base_url(self, host: str) -> str:
+        return host if "://" in host else f"{self.scheme}://{host}"
+
     def _request(self, method: str, host: str, path: str, **kw: Any) -> httpx.Response:
+        from herder.tlsconf import verify_error, verify_failure_line
+
         try:
-            r = self.http.request(method, f"http://{host}/direct{path}", **kw)
+            r = self.http.request(method, f"{self.base_url(host)}/direct{path}", **kw)
         except httpx.TransportError as exc:
+            tls = verify_error(exc)
+            if tls is not None:  # a wrong CA or certificate: waiting will not fix it
+                raise HostRefused(verify_failure_line(self.base_url(host), tls)) from None
             raise HostDown(str(exc) or type(exc).__name__) from None
         if r.status_code in (401, 403):
             raise HostRefused(f"{host} refused this client: {_message(r)}")

@@ -13,7 +13,7 @@ implementation of anything: only the transport differs.
 
 One ``herder run`` at a time owns a state directory (an exclusive lock on
 ``.herder/lock``); jobs an earlier run left unfinished (it was killed) are
-cancelled at start, since nobody follows them any more.
+cancelled at start (waiting ones too), since nobody follows them any more.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from herder.core.states import JOB_TERMINAL, JobState
 from herder.errors import DatabaseError
 from herder.inprocess import InProcessClient
 from herder.statelock import StateDirBusy, StateLock
@@ -119,9 +120,18 @@ class EmbeddedFarm:
                 agent.cancel_attempt(c.attempt_id, c.reason)
 
     def _abandon_unfinished(self) -> None:
-        for state in ("queued", "running", "paused"):
-            for job in self.store.list_jobs(state=state, limit=10_000):
-                self.store.cancel_job(job.id, "abandoned: the herder run that submitted it is gone")
+        # Every state that is not final, waiting (depends_on) included: a held job
+        # left behind would otherwise wait forever for a parent nobody retries.
+        # Ids first, then cancels: cancelling a parent fails its waiting children,
+        # and cancel_job leaves an already finished job as it is.
+        unfinished = sorted(
+            job.id
+            for state in JobState
+            if state not in JOB_TERMINAL
+            for job in self.store.list_jobs(state=state.value, limit=10_000)
+        )
+        for job_id in unfinished:
+            self.store.cancel_job(job_id, "abandoned: the herder run that submitted it is gone")
 
     def _start_agent(self, slots: int, options: dict[str, Any]) -> None:
         from herder.agent.daemon import Agent, AgentConfig

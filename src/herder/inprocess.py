@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ from herder.client.errors import (
     NotFoundError,
     StaleAttemptError,
 )
-from herder.client.files import hash_files
+from herder.client.files import InputSource, hash_files, read_input
 from herder.client.logs import FullLogMixin
 from herder.errors import HerderError, NotFound, StaleAttempt
 from herder.master.service import MasterService
@@ -98,10 +98,22 @@ class InProcessClient(FullLogMixin):
 
     # ------------------------------------------------------------------ jobs
 
-    def submit_job(self, spec: JobSubmit) -> JobView:
+    def submit_job(
+        self, spec: JobSubmit, *, inputs: Mapping[str, InputSource] | None = None
+    ) -> JobView:
+        self._put_inputs(inputs)
         return _do(self.service.submit_view, spec)[0]
 
-    def submit_job_ids(self, spec: JobSubmit) -> JobSubmitted:
+    def _put_inputs(self, inputs: Mapping[str, InputSource] | None) -> None:
+        """In process there is no second transaction to hand off: store what is missing first."""
+        if inputs:
+            for digest in self.missing_blobs(list(inputs)):
+                self.put_blob(digest, read_input(digest, inputs[digest]))
+
+    def submit_job_ids(
+        self, spec: JobSubmit, *, inputs: Mapping[str, InputSource] | None = None
+    ) -> JobSubmitted:
+        self._put_inputs(inputs)
         sub = _do(self.service.submit, spec)
         return JobSubmitted.model_construct(
             id=sub.id, href=f"/api/v1/jobs/{sub.id}", created=sub.created, task_ids=sub.task_ids
@@ -134,8 +146,9 @@ class InProcessClient(FullLogMixin):
         cpus: int | None = None,
         ram_mb: int | None = None,
         max_attempts: int | None = None,
+        gpus: int | None = None,
     ) -> JobView:
-        body = update_fields(priority, tags, cpus, ram_mb, max_attempts)
+        body = update_fields(priority, tags, cpus, ram_mb, max_attempts, gpus)
         try:
             update = JobUpdate.model_validate(body)
         except ValidationError as exc:

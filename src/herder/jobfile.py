@@ -7,6 +7,9 @@ A job file parses into the same job model as a Rakefile. Example::
     pool = "render"              # default "default"
     owner = "alice"              # optional
     idempotency_key = "shot-010-v3"   # optional
+    depends_on = [41, 42]        # optional: ids of jobs that must succeed first
+    on_parent_failure = "hold"   # "fail" (default) or "hold"
+    frame_order = "first-last-middle"  # or "sequential" (default)
 
     [defaults]                   # optional: task fields every task starts from
     tags = ["blender"]
@@ -36,17 +39,23 @@ A job file parses into the same job model as a Rakefile. Example::
 Keys
 ----
 Top level: ``name``, ``priority``, ``pool``, ``owner``, ``idempotency_key``,
-``defaults`` (a table), ``stage`` (an array of tables). Stages run in file
-order; each needs a ``name`` and at least one task. A stage's tasks are its
-``[[stage.task]]`` entries followed by the tasks its ``[[stage.frames]]``
-entries expand into.
+``depends_on``, ``on_parent_failure``, ``frame_order``, ``defaults`` (a
+table), ``stage`` (an array of tables). Stages run in file order; each needs
+a ``name`` and at least one task. A stage's tasks are its ``[[stage.task]]``
+entries followed by the tasks its ``[[stage.frames]]`` entries expand into.
+``depends_on``: the job waits until every job named succeeded; one that fails
+fails it too (``on_parent_failure = "fail"``) or holds it until that job is
+retried and succeeds (``"hold"``). ``frame_order = "first-last-middle"``:
+each stage starts its first task, its last, then middle-out (early previews).
 
 Task fields (in ``[[stage.task]]``, ``[[stage.frames]]`` and ``[defaults]``):
 ``name``, ``command`` (string or list of strings), ``placement`` (``"remote"``
 or ``"local"``), ``requires`` (paths relative to the job root), ``outputs``
 (paths to bring back; absent means every created or changed file), ``env``
 (a table of strings), ``timeout_s``, ``max_attempts``, ``tags``, ``cpus``,
-``ram_mb``. A task's value replaces the default's, except ``env``, which is
+``ram_mb``, ``gpus``, ``progress_pattern`` (a regex whose one group is the progress,
+0-100, in an output line), ``stuck_timeout_s`` (kill after this long without
+output). A task's value replaces the default's, except ``env``, which is
 merged (the task's variables win). ``name`` and ``command`` cannot be
 defaults.
 
@@ -94,8 +103,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from herder.api_limits import MAX_TASKS_PER_JOB
-from herder.api_models import JobSubmit, RequiredFile, StageSpec, TaskSpec
+from herder.api_limits import INT64_MAX, MAX_TASKS_PER_JOB
+from herder.api_models import (
+    DEPENDS_ON_MAX,
+    FrameOrder,
+    OnParentFailure,
+    TaskSpec,
+)
 from herder.display import control_problem
 from herder.frames import (
     MAX_FRAMES,
@@ -109,6 +123,7 @@ from herder.frames import (
     parse_frames,
 )
 from herder.inputs import BadEncoding, SourceProblem, decode_utf8, read_source
+from herder.jobfile_base import JobFileError, _tname, to_job_submit
 from herder.paths import UnsafePath, normalize_relpath
 from herder.rakefile import MissingDigestError
 from herder.tomllocate import KeyPath, fmt_path, locate_keys
@@ -144,41 +159,25 @@ _TASK_FIELDS = (
     "tags",
     "cpus",
     "ram_mb",
+    "gpus",
+    "progress_pattern",
+    "stuck_timeout_s",
 )
-_JOB_KEYS = ("name", "priority", "pool", "owner", "idempotency_key", "defaults", "stage")
+_JOB_KEYS = (
+    "name",
+    "priority",
+    "pool",
+    "owner",
+    "idempotency_key",
+    "depends_on",
+    "on_parent_failure",
+    "frame_order",
+    "defaults",
+    "stage",
+)
 _STAGE_KEYS = ("name", "task", "frames")
 _FRAME_KEYS = (*_TASK_FIELDS, "frames", "chunk")
 _DEFAULT_KEYS = tuple(k for k in _TASK_FIELDS if k not in ("name", "command"))
-
-
-# ------------------------------------------------------------------ errors
-
-
-class JobFileError(Exception):
-    """A job file that cannot be used."""
-
-    def __init__(
-        self,
-        path: str,
-        message: str,
-        line: int | None = None,
-        col: int | None = None,
-        key: str | None = None,
-    ) -> None:
-        self.path = path
-        self.message = message
-        self.line = line
-        self.col = col
-        self.key = key
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        if self.line is not None:
-            return f"{self.path}:{self.line}:{self.col or 1}: {self.message}"
-        return f"{self.path}: {self.message}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.message, self.line, self.col, self.key))
 
 
 # ------------------------------------------------------------------ model
@@ -197,6 +196,9 @@ class JobTask:
     tags: list[str] = field(default_factory=list)
     cpus: int = 1
     ram_mb: int = 0
+    gpus: int = 0
+    progress_pattern: str | None = None
+    stuck_timeout_s: float | None = None
     frames: list[int] | None = None
     """For a task expanded from a frame template: the frames it renders."""
     source: KeyPath = field(default=(), compare=False, repr=False)
@@ -217,6 +219,9 @@ class JobFile:
     pool: str = "default"
     owner: str | None = None
     idempotency_key: str | None = None
+    depends_on: list[int] = field(default_factory=list)
+    on_parent_failure: OnParentFailure = "fail"
+    frame_order: FrameOrder = "sequential"
     path: str = "job.toml"
     text: str = field(default="", compare=False, repr=False)
     """The file's text, to locate errors found after parsing (:meth:`error_at`)."""
@@ -311,6 +316,22 @@ class _Loader:
             raise self.error(key, f"{value} is out of range ({rng})")
         return value
 
+    def parents(self, value: object, key: KeyPath) -> list[int]:
+        """``depends_on``: job ids, each once (their existence is the farm's to check)."""
+        if not isinstance(value, list):
+            raise self.error(key, f"expected an array of job ids, got {_tname(value)}")
+        if len(value) > DEPENDS_ON_MAX:
+            raise self.error(key, f"{len(value)} jobs, more than {DEPENDS_ON_MAX}")
+        ids = [self.integer(v, (*key, i), 1, INT64_MAX) for i, v in enumerate(value)]
+        return list(dict.fromkeys(ids))
+
+    def choice(self, tbl: Mapping[str, object], name: str, allowed: Sequence[str]) -> str:
+        value = self.string(tbl.get(name, allowed[0]), (name,))
+        if value not in allowed:
+            expected = " or ".join(f'"{a}"' for a in allowed)
+            raise self.error((name,), f"expected {expected}, got {value!r}")
+        return value
+
     def strings(self, value: object, key: KeyPath, *, names: bool = False) -> list[str]:
         if not isinstance(value, list):
             raise self.error(key, f"expected an array of strings, got {_tname(value)}")
@@ -365,13 +386,15 @@ class _Loader:
                     if not isinstance(ev, str):
                         raise self.error((*kk, ek), f"expected a string, got {_tname(ev)}")
                 out[k] = dict(env)
-            elif k == "timeout_s":
+            elif k == "progress_pattern":
+                out[k] = self.string(v, kk)
+            elif k in ("timeout_s", "stuck_timeout_s"):
                 if isinstance(v, bool) or not isinstance(v, int | float):
                     raise self.error(kk, f"expected a number of seconds, got {_tname(v)}")
                 out[k] = float(v)
             elif k == "max_attempts":
                 out[k] = self.integer(v, kk, 1, 100)
-            elif k in ("cpus", "ram_mb"):
+            elif k in ("cpus", "ram_mb", "gpus"):
                 out[k] = self.integer(v, kk, 0)
         return out
 
@@ -391,7 +414,8 @@ class _Loader:
             first = exc.errors()[0]
             loc = first.get("loc", ())
             sub: KeyPath = tuple(x for x in loc[:1] if isinstance(x, str))
-            raise self.error((*key, *sub), str(first.get("msg", exc))) from None
+            msg = str(first.get("msg", exc)).removeprefix("Value error, ")  # pydantic's prefix
+            raise self.error((*key, *sub), msg) from None
         return JobTask(**merged, source=key)
 
     # -- the document
@@ -406,6 +430,9 @@ class _Loader:
         ikey = None
         if "idempotency_key" in doc:
             ikey = self.string(doc["idempotency_key"], ("idempotency_key",), name=True)
+        depends_on = self.parents(doc.get("depends_on", []), ("depends_on",))
+        on_failure = self.choice(doc, "on_parent_failure", ("fail", "hold"))
+        frame_order = self.choice(doc, "frame_order", ("sequential", "first-last-middle"))
         defaults: dict[str, Any] = {}
         if "defaults" in doc:
             dtbl = self.table(doc["defaults"], ("defaults",))
@@ -444,6 +471,9 @@ class _Loader:
             pool=pool,
             owner=owner,
             idempotency_key=ikey,
+            depends_on=depends_on,
+            on_parent_failure=on_failure,  # type: ignore[arg-type]  # one of choice()'s values
+            frame_order=frame_order,  # type: ignore[arg-type]
             path=self.path,
         )
 
@@ -498,17 +528,6 @@ class _Loader:
         return out
 
 
-def _tname(v: object) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }.get(type(v), type(v).__name__)
-
-
 _TOML_POS_RE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)
 
 
@@ -546,51 +565,3 @@ def load_jobfile(path: Path | str) -> JobFile:
     except SourceProblem as exc:
         raise JobFileError(str(p), f"cannot read the job file: it {exc}", 1, 1) from None
     return parse_jobfile(text, str(p))
-
-
-def to_job_submit(
-    job: JobFile,
-    digests: Mapping[str, str],
-    modes: Mapping[str, int] | None = None,
-) -> JobSubmit:
-    """The API's ``JobSubmit`` for ``job``, given a digest for each required path."""
-    stages: list[StageSpec] = []
-    for s in job.stages:
-        tasks: list[TaskSpec] = []
-        for t in s.tasks:
-            reqs: list[RequiredFile] = []
-            for p in t.requires:
-                digest = digests.get(p)
-                if digest is None:
-                    raise MissingDigestError(
-                        f"no digest for required file {p!r} (task {t.name or t.command!r})"
-                    )
-                reqs.append(
-                    RequiredFile(
-                        path=p, digest=digest, mode=None if modes is None else modes.get(p)
-                    )
-                )
-            tasks.append(
-                TaskSpec(
-                    name=t.name,
-                    command=t.command,
-                    placement=t.placement,
-                    requires=reqs,
-                    outputs=t.outputs,
-                    env=t.env,
-                    timeout_s=t.timeout_s,
-                    max_attempts=t.max_attempts,
-                    tags=t.tags,
-                    cpus=t.cpus,
-                    ram_mb=t.ram_mb,
-                )
-            )
-        stages.append(StageSpec(name=s.name, tasks=tasks))
-    return JobSubmit(
-        name=job.name,
-        owner=job.owner,
-        pool=job.pool,
-        priority=job.priority,
-        idempotency_key=job.idempotency_key,
-        stages=stages,
-    )

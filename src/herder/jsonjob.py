@@ -4,6 +4,8 @@
 placed by walking the text once more (:func:`locate_json`), only when there
 is an error to place. Names (of the job, stages, tasks, pool, owner,
 idempotency key, tags) may not hold control characters, as in TOML job files.
+The job-level ``depends_on``, ``on_parent_failure`` and ``frame_order`` are
+the API's own fields (``herder.store.deps``; ``herder.frames.dispatch_order``).
 """
 
 from __future__ import annotations

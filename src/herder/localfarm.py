@@ -108,6 +108,12 @@ class LocalFarm:
     lease_s: float = 30.0
     ack_timeout_s: float = 30.0
     log_level: str = "warning"
+    # False: the master checks no token (--insecure-no-auth). True: secure, as
+    # a user runs one: an admin token (admin_token, sent as HERDER_TOKEN by the
+    # farm's processes and its own probes) and a join token for its agents.
+    auth: bool = False
+    admin_token: str | None = None
+    join_token: str | None = None
     master: Proc | None = None
     agents: list[Proc] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -131,7 +137,29 @@ class LocalFarm:
         env = dict(os.environ)
         env.pop("HERDER_MASTER", None)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.auth:
+            env.pop("HERDER_INSECURE_NO_AUTH", None)
+            if self.admin_token:
+                env["HERDER_TOKEN"] = self.admin_token
+            if self.join_token:
+                env["HERDER_JOIN_TOKEN"] = self.join_token
         return env
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def _make_tokens(self) -> None:
+        """An admin and a join token in the farm's database (before its master starts)."""
+        from herder.store import Store
+        from herder.store.auth import AuthStore
+
+        assert self.db_url is not None
+        with Store.open(self.db_url, migrate=True) as store:
+            auth = AuthStore(store)
+            if not any(u.name == "admin" for u in auth.list_users()):
+                auth.add_user("admin", "admin")
+            _, self.admin_token = auth.create_token("user", user="admin", description="LocalFarm")
+            _, self.join_token = auth.create_token("join", description="LocalFarm agents")
 
     def start_master(self, wait: float = 30.0) -> Proc:
         assert self.workdir is not None and self.db_url is not None
@@ -149,6 +177,11 @@ class LocalFarm:
             "--log-level",
             self.log_level,
         ]
+        if self.auth:
+            if self.admin_token is None:
+                self._make_tokens()
+        else:
+            argv.append("--insecure-no-auth")
         self.master = Proc(argv, self.workdir / "master.log", self._env())
         self.master.start()
         self.wait_healthy(wait)
@@ -159,7 +192,7 @@ class LocalFarm:
         last: Exception | None = None
         # One client for every probe: a new httpx.get builds a TLS context each time,
         # even for http://, which used to cost a second of CPU per farm start.
-        with httpx.Client(timeout=2.0, trust_env=False) as http:
+        with httpx.Client(timeout=2.0, trust_env=False, headers=self._headers()) as http:
             while time.monotonic() < deadline:
                 if self.master is not None and not self.master.alive():
                     raise RuntimeError(f"master exited:\n{self.master.log_text()[-4000:]}")
@@ -210,7 +243,7 @@ class LocalFarm:
 
     def wait_agents(self, count: int, wait: float = 30.0) -> None:
         deadline = time.monotonic() + wait
-        with httpx.Client(timeout=2.0, trust_env=False) as http:
+        with httpx.Client(timeout=2.0, trust_env=False, headers=self._headers()) as http:
             while time.monotonic() < deadline:
                 try:
                     r = http.get(f"{self.url}/api/v1/agents")

@@ -14,6 +14,10 @@ same retries and failover) with a few conveniences on top::
         if done.state == "failed":
             farm.retry_job(job.id)              # failed tasks again, fresh budgets
         farm.fetch_outputs(job.id, "out/")      # every succeeded task's output files
+        # a job that starts once `job` succeeded (held, not failed, if it fails):
+        comp = farm.submit({"name": "comp", "stages": [...]}, depends_on=[job.id],
+                           on_parent_failure="hold")
+        [parent.state for parent in farm.get_job(comp.id).depends_on]
 
 Errors are :class:`herder.client.ApiError` (``NotFoundError`` 404,
 ``ConflictError`` 409: not allowed in the job's state; 422: a bad field).
@@ -22,12 +26,13 @@ Errors are :class:`herder.client.ApiError` (``NotFoundError`` 404,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from herder.api_models import EventView, JobSubmit, JobView
+from herder.api_models import EventView, JobSubmit, JobView, OnParentFailure
 from herder.client.core import HerderClient
+from herder.client.files import InputSource, input_sources
 from herder.paths import normalize_relpath
 from herder.records import FINAL_TASK_STATES
 
@@ -38,11 +43,43 @@ class Client(HerderClient):
     def __enter__(self) -> Client:
         return self
 
-    def submit(self, spec: JobSubmit | Mapping[str, Any]) -> JobView:
-        """Submit a job (a ``JobSubmit`` or its JSON form as a dict)."""
-        if not isinstance(spec, JobSubmit):
-            spec = JobSubmit.model_validate(dict(spec))
-        return self.submit_job(spec)
+    def submit(
+        self,
+        spec: JobSubmit | Mapping[str, Any],
+        *,
+        depends_on: Sequence[int] = (),
+        on_parent_failure: OnParentFailure | None = None,
+        root: Path | str | None = None,
+        inputs: Mapping[str, InputSource] | None = None,
+    ) -> JobView:
+        """Submit a job (a ``JobSubmit`` or its JSON form as a dict).
+
+        ``depends_on``: jobs that must succeed before this one starts (added to
+        the spec's); ``on_parent_failure``: ``"fail"`` or ``"hold"`` when one
+        of them fails. The view's ``depends_on`` and ``dependents`` link both ways.
+
+        ``root``: the directory the tasks' required files (``requires`` paths)
+        are in; ``inputs``: ``{digest: file or bytes}`` besides. With either,
+        the job is sent in two transactions (issue 10): the master creates it
+        waiting for the files it lacks, and this uploads those before it returns.
+        """
+        if isinstance(spec, JobSubmit) and not depends_on and on_parent_failure is None:
+            job = spec
+        else:
+            data = spec.model_dump() if isinstance(spec, JobSubmit) else dict(spec)
+            if depends_on:
+                data["depends_on"] = [*data.get("depends_on", []), *depends_on]
+            if on_parent_failure is not None:
+                data["on_parent_failure"] = on_parent_failure
+            job = JobSubmit.model_validate(data)
+        if root is None and inputs is None:
+            return self.submit_job(job)
+        sources: dict[str, InputSource] = {}
+        if root is not None:
+            pairs = [(r.path, r.digest) for st in job.stages for t in st.tasks for r in t.requires]
+            sources.update(input_sources(Path(root), pairs))
+        sources.update(inputs or {})
+        return self.submit_job(job, inputs=sources)
 
     def wait(self, job_id: int, timeout_s: float | None = None) -> JobView:
         """Wait (long-polling the follow stream) until the job is over; its final view.

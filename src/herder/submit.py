@@ -3,11 +3,17 @@
 Everything is checked here, before the CLI talks to a farm: a bad job file
 or a required file that cannot be sent is a :class:`JobFileError` at
 ``file:line:col`` and nothing is uploaded or submitted.
+
+:meth:`PreparedJob.submit` sends it in two transactions (issue 10): the
+master creates the job, waiting for the required files it lacks, and answers
+a continuation naming them; the client uploads those (and only those), the
+last one releases the job. A crash in between leaves the job waiting; running
+``herder submit`` again with the same ``idempotency_key`` resumes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +31,9 @@ from herder.jobfile import JobFile, JobFileError, load_jobfile, to_job_submit
 from herder.jsonjob import parse_json_job
 
 if TYPE_CHECKING:
+    from herder.api_models import JobView
     from herder.client import HerderClient
+    from herder.client.files import InputSource
 
 __all__ = ["JobFileError", "PreparedJob", "prepare_jobfile"]
 
@@ -35,11 +43,28 @@ class PreparedJob:
     job: JobSubmit
     root: Path
     paths: list[str]
+    # {digest: file} when already hashed (a TOML job file); else hashed by inputs().
+    hashed: dict[str, Path] | None = field(default=None, repr=False)
 
     def upload(self, client: HerderClient) -> None:
-        """Upload the required files the store lacks (only those)."""
+        """Upload the required files the store lacks (only those), before a submission."""
         if self.paths:
             client.upload_files(self.root, self.paths)
+
+    def inputs(self) -> dict[str, InputSource]:
+        """``{digest: file}`` of the job's required files that are under its root."""
+        if self.hashed is not None:
+            return dict(self.hashed)
+        from herder.client.files import hash_files
+
+        _, where = hash_files(self.root, self.paths)
+        return dict(where)
+
+    def submit(self, client: HerderClient, job: JobSubmit | None = None) -> JobView:
+        """Submit ``job`` (default: this one) with ``inputs=later``: the master holds it
+        until the required files it lacks are uploaded, which this does (the
+        continuation names them). Its view once the uploads are in."""
+        return client.submit_job(job or self.job, inputs=self.inputs())
 
 
 def prepare_jobfile(path: Path) -> PreparedJob:
@@ -87,4 +112,5 @@ def _prepare_toml(jf: JobFile, path: Path, root: Path) -> PreparedJob:
     except ValidationError as exc:  # a rule of the whole job the loader does not repeat
         first = exc.errors()[0]
         raise JobFileError(str(path), str(first.get("msg", exc)), 1, 1) from None
-    return PreparedJob(job, root, list(first_use))
+    hashed = {digests[rel]: root / rel for rel in first_use}
+    return PreparedJob(job, root, list(first_use), hashed)

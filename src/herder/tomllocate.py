@@ -27,7 +27,9 @@ def locate_keys(text: str) -> dict[KeyPath, tuple[int, int]]:
     where: dict[KeyPath, tuple[int, int]] = {}
     counters: dict[tuple[str, ...], int] = {}
     context: KeyPath = ()
-    header_re = re.compile(r"\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+    # No two parts of a pattern may match the same characters: "[" and 20,000
+    # spaces took hours (cubic backtracking) with `\s*([^\]]+?)\s*\]`.
+    header_re = re.compile(r"\s*(\[\[?)([^\]]*)\]\]?\s*(?:#.*)?$")
     key_re = re.compile(
         r"(\s*)((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
     )
@@ -41,7 +43,7 @@ def locate_keys(text: str) -> dict[KeyPath, tuple[int, int]]:
             continue
         h = header_re.match(line)
         if h is not None:
-            names = _key_parts(h.group(2))
+            names = _key_parts(h.group(2).strip())
             if names is None:
                 continue
             is_array = h.group(1) == "[["

@@ -134,7 +134,7 @@ def assert_refused(r: httpx.Response, status: int, *needles: str) -> None:
 
 BIG = "x" * (COMMAND_STRING_MAX + 1)
 
-BAD_JOBS: dict[str, tuple[dict[str, Any], str]] = {
+BAD_JOBS: dict[str, tuple[Any, ...]] = {
     "surrogate_command": (job(command="echo \udc00"), "stages.0.tasks.0.command"),
     "surrogate_argv": (job(command=["echo", "\ud800"]), "stages.0.tasks.0.command.1"),
     "surrogate_env_key": (job(env={"A\udc00": "1"}), "stages.0.tasks.0.env"),
@@ -167,7 +167,9 @@ BAD_JOBS: dict[str, tuple[dict[str, Any], str]] = {
     "nul_pool": ({**job(), "pool": "p\x00"}, "pool: contains a NUL"),
     "nul_owner": ({**job(), "owner": "o\x00"}, "owner: contains a NUL"),
     "nul_key": ({**job(), "idempotency_key": "k\x00"}, "idempotency_key: contains a NUL"),
-    "nul_tag": (job(tags=["t\x00"]), "stages.0.tasks.0.tags.0: contains a NUL"),
+    "nul_tag": (job(tags=["t\x00"]), "stages.0.tasks.0.tags: ", "is not a valid tag"),
+    "bad_tag": (job(tags=["has space"]), "stages.0.tasks.0.tags: ", "is not a valid tag"),
+    "both_tags": (job(tags=["gpu", "!gpu"]), "tags both required and negated: gpu"),
     "nul_task_name": (job(name="n\x00"), "stages.0.tasks.0.name: contains a NUL"),
     "too_many_tasks": (
         {"name": "j", "stages": [{"name": "s", "tasks": [{"command": "true"}] * (MAX_TASKS + 1)}]},
@@ -178,9 +180,9 @@ BAD_JOBS: dict[str, tuple[dict[str, Any], str]] = {
 
 @pytest.mark.parametrize("case", sorted(BAD_JOBS))
 def test_bad_submission_is_refused_and_nothing_stored(master: Master, case: str) -> None:
-    body, field = BAD_JOBS[case]
+    body, *needles = BAD_JOBS[case]
     before = master.counts()
-    assert_refused(post_raw(master, "/api/v1/jobs", body), 422, field)
+    assert_refused(post_raw(master, "/api/v1/jobs", body), 422, *needles)
     assert master.counts() == before
 
 

@@ -11,8 +11,9 @@ from alembic.migration import MigrationContext
 
 from herder.store import Store
 from herder.store.schema import metadata
+from herder.store.sql import HotSql
 
-HEAD = "0005"
+HEAD = "0011"
 
 
 def _skip_sqlite_expression_index(
@@ -137,17 +138,33 @@ def test_sqlite_claim_index(tmp_path: object, through: str) -> None:
             ddl = conn.execute(
                 sa.text("SELECT sql FROM sqlite_master WHERE name = 'ix_tasks_claim'")
             ).scalar_one()
+            # The claim's own window statement: one walk of the index, no sort.
+            params = {
+                "tags": "[]",
+                "negated": "[]",
+                "cpus": 2,
+                "gpus": 0,
+                "ram": 0,
+                "n": 5,
+                "agent_id": "a",
+                "now": "2026-01-01 00:00:00.000000",
+                "live_since": "2026-01-01 00:00:00.000000",
+                "retry_before": "2026-01-01 00:00:00.000000",
+                "any_owner": 1,
+                "accept_owners": "[]",
+                "any_pool": 1,
+                "accept_pools": "[]",
+            }
             plan = " ".join(
                 str(r[-1])
                 for r in conn.exec_driver_sql(
-                    "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE state = 'queued' "
-                    "AND placement = 'remote' ORDER BY priority DESC, id LIMIT 5"
+                    "EXPLAIN QUERY PLAN " + HotSql(is_pg=False).offer_window, params
                 )
             )
     finally:
         engine.dispose()
     normalized = " ".join(ddl.split())
-    assert "priority DESC, id" in normalized
+    assert "priority DESC, share_key, id" in normalized
     assert "WHERE state = 'queued' AND placement = 'remote'" in normalized
     assert "ix_tasks_claim" in plan and "TEMP B-TREE" not in plan
 

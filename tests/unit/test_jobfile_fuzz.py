@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import tracemalloc
 from typing import Any
 
@@ -23,6 +24,7 @@ from herder.frames import (
 from herder.inputs import BadEncoding, decode_utf8
 from herder.jobfile import JobFileError, parse_jobfile, to_job_submit
 from herder.jsonjob import parse_json_job
+from herder.tomllocate import locate_keys
 
 FUZZ = settings(
     max_examples=int(os.environ.get("HERDER_FUZZ_EXAMPLES", "300")),
@@ -251,3 +253,25 @@ def test_frames_counted_without_expanding_match_expansion(
     frames = [f for r in ranges for f in r.frames]
     assert len(set(frames)) == len(frames)
     assert count_chunks(ranges, chunk) == len(chunk_frames(ranges, chunk))
+
+
+# ------------------------------------------------------------------ key locations
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from(list("[]. \t=#\"'ab-_\n")), max_size=200))
+def test_locate_keys_any_text(text: str) -> None:
+    lines = text.splitlines()
+    for _path, (line, col) in locate_keys(text).items():
+        assert 1 <= line <= len(lines) and 1 <= col <= len(lines[line - 1]) + 1
+
+
+def test_locating_a_key_is_linear_in_the_line() -> None:
+    # A line of "[" and 20,000 spaces (valid inside a multi-line array) took
+    # hours to scan before the error naming `cpus` could be printed.
+    for line in ("[" + " " * 20_000, "[a" + " " * 20_000 + "b", "a . " * 5_000, '"' * 20_000):
+        text = f'name = "j"\nx = [\n{line}\n]]\n' if line[0] == "[" else f"{line}\n"
+        text += '[[stage]]\nname = "s"\n[[stage.task]]\ncommand = "x"\ncpus = -1\n'
+        started = time.perf_counter()
+        toml_or_error(text)
+        assert time.perf_counter() - started < 2, line[:10]

@@ -89,7 +89,7 @@ def test_terminal_task_states_have_no_way_out_but_a_user_retry() -> None:
         with pytest.raises(IllegalTransition):
             next_task_state(state, event)
     for event in retry:
-        assert set(TASK_SOURCES[event]) == {T.FAILED, T.CANCELLED}
+        assert set(TASK_SOURCES[event]) == {T.FAILED, T.CANCELLED, T.REJECTED}
 
 
 def test_every_task_state_is_reachable_and_has_a_source_table() -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ssl
+
     from herder.agent.direct import DirectConfig
 
 
@@ -33,6 +35,12 @@ def _ram_mb() -> int:
         return 0
 
 
+def _ram_tolerance() -> float:
+    from herder.agent.watch import ram_tolerance_from_env
+
+    return ram_tolerance_from_env()
+
+
 CLAIM_AHEAD_MAX = 64  # default window cap (offers claimed beyond the slots)
 
 
@@ -41,6 +49,10 @@ class AgentConfig:
     masters: list[str]
     slots: int = field(default_factory=lambda: os.cpu_count() or 1)
     tags: list[str] = field(default_factory=list)
+    # Whose work it takes (herder.core.acl.agent_accepts): only tasks of jobs of
+    # these owners and in these pools; empty: everyone's, every pool.
+    accept_owners: list[str] = field(default_factory=list)
+    accept_pools: list[str] = field(default_factory=list)
     name: str = field(default_factory=socket.gethostname)
     state_dir: Path = field(default_factory=default_state_dir)
     work_root: Path | None = None  # default: state_dir / "work"
@@ -48,6 +60,8 @@ class AgentConfig:
     heartbeat_interval_s: float | None = None  # default: lease_s / 3
     drain_timeout_s: float = 30.0  # on SIGTERM, let running tasks finish this long
     kill_grace_s: float = 2.0  # SIGTERM → SIGKILL delay for timeouts and cancels
+    # A task is killed past ram_mb x (1 + this) (herder.agent.watch; $HERDER_RAM_TOLERANCE).
+    ram_tolerance: float = field(default_factory=lambda: _ram_tolerance())
     log_interval_s: float = 0.5
     ack_delay_s: float = 1.0  # how long an ack may wait for a claim to carry it
     request_timeout_s: float = 30.0
@@ -74,15 +88,29 @@ class AgentConfig:
     # waits up to ahead_wait_s for others to share its request.
     ahead_wait_s: float = 0.05
     token: str | None = None
+    # A join token (issue 11, herder.agent.credentials): registers this agent once;
+    # the master answers with the agent's own token, kept in the state dir.
+    join_token: str | None = field(
+        default_factory=lambda: os.environ.get("HERDER_JOIN_TOKEN", "").strip() or None
+    )
     verify: bool | str = True
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     ram_mb: int = field(default_factory=_ram_mb)
+    gpus: int = 0
+    # The agent's own limits (seeds/001; herder.core.schedule): the most RAM the
+    # farm may use here, and a 1-minute load at which it takes nothing new.
+    max_ram_mb: int | None = None
+    max_load: float | None = None
     env: dict[str, str] | None = None  # base environment of tasks (default: the agent's)
     # Talkback endpoint (herder.agent.talkback): HOST:PORT to listen on (port 0:
     # a free one), None: no endpoint. Its URL and token go to the master at
     # registration; a fresh random token per start unless talkback_token is set.
     talkback: str | None = "127.0.0.1:0"
     talkback_token: str | None = None
+    # HTTPS on the talkback endpoint (herder.tlsconf): a PEM certificate chain
+    # and its key; None: plain HTTP. The direct listener has its own in DirectConfig.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Finding masters and autonomous mode (herder.agent.autonomous, DESIGN §6).
     dns_name: str | None = None  # DNS alias of the masters (SRV _herder._tcp.<name>, A/AAAA)
     resolver: str | None = None  # HOST:PORT of the DNS server to ask (default: the system's)
@@ -110,6 +138,16 @@ class AgentConfig:
             self.claim_ahead = int(env) if env else min(32 * self.slots, CLAIM_AHEAD_MAX)
         if self.claim_ahead < 0:
             raise ValueError("claim_ahead must be 0 (off) or more")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        """The talkback endpoint's TLS context (None: plain HTTP); TlsConfigError if unusable."""
+        if not self.tls_cert or not self.tls_key:
+            return None
+        from herder.tlsconf import server_context
+
+        return server_context(self.tls_cert, self.tls_key)
 
 
 class Backoff:

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from herder.agent import credentials
 from herder.agent.claims import ClaimsMixin
 from herder.agent.config import AgentConfig, Backoff, default_state_dir, retry_after
 from herder.agent.delivery import DeliveryMixin
@@ -75,6 +76,10 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
     ) -> None:
         super().__init__(config)
         self._modal = None
+        assert config.state_dir is not None
+        token, self._token_source = credentials.initial_token(
+            config.state_dir, config.token, config.join_token
+        )
         if client is None:
             from herder.agent.autonomous import ModalClient
 
@@ -84,7 +89,7 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
                 resolver=config.resolver,
                 srv=config.srv,
                 timeout=config.request_timeout_s,
-                token=config.token,
+                token=token,
                 verify=config.verify,
                 backoff_base_s=config.backoff_base_s,
                 backoff_max_s=config.backoff_max_s,
@@ -104,7 +109,10 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
             lambda digest, dest: self.client.download_blob(digest, dest),
             base_env=config.env,
             kill_grace_s=config.kill_grace_s,
+            ram_tolerance=config.ram_tolerance,
         )
+        # A progress change (herder.agent.watch) is reported by an early heartbeat.
+        self.executor.watcher.on_progress = self._hb_now.set
         self.journal = Journal(config.state_dir / "journal")
         self.talkback = None  # TalkbackServer while running
         self.direct: Any = None  # DirectServer while running (config.direct)
@@ -288,25 +296,52 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
             tags=list(cfg.tags),
             cpus=max(1, cfg.cpus),
             ram_mb=max(0, cfg.ram_mb),
+            gpus=cfg.gpus,
+            max_ram_mb=cfg.max_ram_mb,
+            max_load=cfg.max_load,
             version=__version__,
             talkback_url=self.talkback.url if self.talkback is not None else None,
             talkback_token=self.talkback.token if self.talkback is not None else None,
+            accept_owners=list(cfg.accept_owners),
+            accept_pools=list(cfg.accept_pools),
         )
         backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s)
         while not self._stop.is_set():
             try:
                 view = self.client.register_agent(req)
             except Exception as exc:
+                if self._rejoin(exc):  # its saved token is no longer valid: join anew
+                    state.pop("agent_id", None)
+                    req = req.model_copy(update={"agent_id": None})
+                    continue
                 delay = backoff.next(retry_after(exc))
                 log.warning("event=register_failed error=%r retry_in_s=%.2f", str(exc), delay)
                 self._stop.wait(delay)
                 continue
             self.agent_id = view.id
+            own = getattr(view, "token", None)  # joined: the agent's own token, kept
+            if own:
+                credentials.save_agent_token(cfg.state_dir, own)
+                credentials.use_token(self.client, own)
+                self._token_source = "state"
+                log.info("event=joined agent_id=%s token_file=%s", view.id, cfg.state_dir)
             state.update(agent_id=view.id, name=cfg.name)
             self._save_state(state)
             log.info("event=registered agent_id=%s name=%s slots=%d", view.id, cfg.name, cfg.slots)
             return True
         return False
+
+    def _rejoin(self, exc: BaseException) -> bool:
+        """A saved token refused (401: revoked, expired) with a join token at hand:
+        forget the token and the id it acted as, and register anew with the join token."""
+        join = self.config.join_token
+        if getattr(exc, "status", None) != 401 or self._token_source != "state" or not join:
+            return False
+        log.warning("event=agent_token_refused rejoining error=%r", str(exc))
+        credentials.forget_agent_token(self.config.state_dir)
+        credentials.use_token(self.client, join)
+        self._token_source = "join"
+        return True
 
     def talkback_status(self) -> dict[str, Any]:
         """``GET /talkback/status``."""
@@ -337,7 +372,9 @@ class Agent(ClaimsMixin, SlotsMixin, HeartbeatMixin, DeliveryMixin):
         from herder.agent.talkback import TalkbackServer
 
         try:
-            tb = TalkbackServer(self, cfg.talkback, cfg.talkback_token)
+            tb = TalkbackServer(
+                self, cfg.talkback, cfg.talkback_token, ssl_context=cfg.server_tls()
+            )
             tb.start()
         except (OSError, ValueError) as exc:
             # Latency only: the agent works without it (masters cannot wake it).

@@ -98,6 +98,9 @@ class DirectConfig:
     surcharge: float = 0.0
     allow: str = DEFAULT_ALLOW
     token: str | None = None
+    # HTTPS (herder.tlsconf): a PEM certificate chain and its key; None: plain HTTP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class DirectServer:
@@ -122,6 +125,14 @@ class DirectServer:
         cls = _Server6 if family == socket.AF_INET6 else _Server
         server = cls((self.host, self.port), _Handler)
         server.direct = self
+        if self.config.tls_cert and self.config.tls_key:
+            from herder.tlsconf import server_context
+
+            try:
+                server.ssl_context = server_context(self.config.tls_cert, self.config.tls_key)
+            except ValueError:
+                server.server_close()
+                raise
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(
@@ -129,12 +140,13 @@ class DirectServer:
         )
         self._thread.start()
         log.info(
-            "event=direct_listening address=%s:%d slots=%d allow=%s token=%s",
+            "event=direct_listening address=%s:%d slots=%d allow=%s token=%s tls=%s",
             self.host,
             self.port,
             self.config.slots,
             ",".join(map(str, self.allow)),
             "yes" if self.token else "no",
+            "yes" if server.ssl_context is not None else "no",
         )
         return f"{self.host}:{self.port}"
 

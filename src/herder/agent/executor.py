@@ -15,7 +15,10 @@ A delivered sandbox whose ``work/`` stayed empty is recycled (renamed to
 fills the cache on a miss; the daemon passes the client's ``download_blob``.
 
 The command runs in its own session, so timeouts and cancellation kill the
-whole process group, background children included.
+whole process group, background children included. How it is started lives
+in ``herder.agent.launch``; the watch of running attempts (RSS against
+``ram_mb``, the kernel's OOM kill, progress, stuck tasks) in
+``herder.agent.watch``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -43,10 +45,22 @@ from herder.agent.files import (
     LogTail,
     SandboxCleaner,
     StagingError,
+    append_log,
     clone_file,
     rmtree_sandbox,
 )
+from herder.agent.launch import (
+    CommandNotRunnable,
+    ProgramCache,
+    child_env,
+    direct_argv,
+    shell_code,
+    signame,
+    spawn,
+)
 from herder.agent.outputs import Snapshot, collect, snapshot
+from herder.agent.sandboxes import SANDBOX_PREFIX, SPARE_PREFIX, SandboxPool
+from herder.agent.watch import DEFAULT_RAM_TOLERANCE, DEFAULT_WATCH_INTERVAL_S, Watcher, WatchState
 from herder.api_models import LogChunk, Outcome, OutputFile, RequiredFile
 from herder.paths import UnsafePath, resolve_inside
 
@@ -57,41 +71,6 @@ log = logging.getLogger("herder.agent")
 
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
-SANDBOX_PREFIX = "a"
-WHICH_TTL_S = 5.0  # how long a resolved program path is trusted
-SPARE_PREFIX = ".spare-"  # a recycled sandbox waiting for its next attempt
-
-# Characters that make a command string need a shell (GNU make's list:
-# quoting, globbing, redirection, expansion, control operators, newlines).
-_SHELL_CHARS = frozenset("#;\"'*?[]&|<>(){}$`^~!\\\n\r")
-# Words that are shell syntax or builtins with no program of that name.
-_SHELL_WORDS_TEXT = """! . : [[ ]] { } alias bg break case cd command continue declare do done
-elif else esac eval exec exit export fc fg fi for function getopts hash if in jobs let local
-logout popd pushd read readonly return select set shift shopt source suspend then time times
-trap type typeset ulimit umask unalias unset until wait while"""
-_SHELL_WORDS = frozenset(_SHELL_WORDS_TEXT.split())
-
-
-def direct_argv(command: str) -> list[str] | None:
-    """The argv to exec directly when ``command`` needs no shell, else None.
-
-    Like make: a string with no shell metacharacters whose first word is not
-    shell syntax is split on blanks and exec'd without ``/bin/sh -c``.
-    """
-    if any(c in _SHELL_CHARS for c in command):
-        return None
-    argv = command.split()
-    if not argv or argv[0] in _SHELL_WORDS or "=" in argv[0]:
-        return None  # empty, shell syntax or builtin, or a variable assignment
-    return argv
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
 
 # ------------------------------------------------------------------ execution
 
@@ -108,6 +87,9 @@ class ExecSpec:
     timeout_s: float | None = None
     task_id: int | None = None
     job_id: int | None = None
+    ram_mb: int = 0  # killed past this RSS (herder.agent.watch); 0: no limit
+    progress_pattern: str | None = None
+    stuck_timeout_s: float | None = None
 
     @classmethod
     def from_offer(cls, offer: Offer) -> ExecSpec:
@@ -120,6 +102,9 @@ class ExecSpec:
             timeout_s=offer.timeout_s,
             task_id=offer.task_id,
             job_id=offer.job_id,
+            ram_mb=offer.ram_mb,
+            progress_pattern=offer.progress_pattern,
+            stuck_timeout_s=offer.stuck_timeout_s,
         )
 
 
@@ -131,6 +116,8 @@ class ExecResult:
     outputs: list[tuple[OutputFile, Path]] = field(default_factory=list)
     duration_s: float = 0.0
     outputs_failed: bool = False  # ``error`` says why the outputs cannot be brought back
+    peak_rss_mb: int | None = None  # the highest RSS of the group the watch saw
+    progress: float | None = None  # the latest progress its output reported
 
     @property
     def output_files(self) -> list[OutputFile]:
@@ -164,6 +151,7 @@ class Execution:
         self._t0 = 0.0
         self._spawned_at = 0.0
         self.work_empty: bool | None = None  # known after the outputs were collected
+        self.watch: WatchState | None = None  # herder.agent.watch, while it runs
 
     # -- public -------------------------------------------------------------
 
@@ -178,6 +166,14 @@ class Execution:
     @functools.cached_property
     def log_paths(self) -> dict[Stream, Path]:
         return {s: Path(self._sandbox_s, s) for s in STREAMS}
+
+    def log_path_s(self, stream: Stream) -> str:
+        return os.path.join(self._sandbox_s, stream)
+
+    @property
+    def progress(self) -> float | None:
+        """The latest progress its output reported (a ``progress_pattern``), or None."""
+        return self.watch.progress if self.watch is not None else None
 
     @property
     def attempt_id(self) -> int:
@@ -245,11 +241,16 @@ class Execution:
         spare = self.executor._take_spare()
         if spare is None:
             return False
+        # O_NONBLOCK and the fstat: a process that outlived its command may have
+        # swapped a log for a FIFO (an open that never returns) or a device.
         flags = os.O_WRONLY | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             os.rename(spare, sandbox)  # fails if the attempt's sandbox exists: fresh path
             for s in STREAMS:
-                self._log_fds[s] = os.open(os.path.join(sandbox, s), flags)
+                fd = self._log_fds[s] = os.open(os.path.join(sandbox, s), flags | os.O_NONBLOCK)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(f"spare log {s} is not a regular file")
+                os.set_blocking(fd, True)
         except OSError:
             self._close_log_fds()
             with contextlib.suppress(OSError):
@@ -280,7 +281,7 @@ class Execution:
                 self.pgid = self.proc.pid
                 self._spawned_at = time.monotonic()
                 self.executor._register(self)
-            except _CommandNotRunnable as exc:
+            except CommandNotRunnable as exc:
                 self._append_stderr(f"herder: {exc.msg}\n")
                 return self._finish(ExecResult("exited", exit_code=exc.code))
             except OSError as exc:
@@ -321,23 +322,36 @@ class Execution:
         rc = proc.returncode
         with self._lock:
             cancel = self._cancel
+        oom = self.executor.watcher.finish(self, rc, cancel is not None)
         if cancel is not None:
-            res = ExecResult(cancel[0], exit_code=_shell_code(rc), error=cancel[1])
+            res = ExecResult(cancel[0], exit_code=shell_code(rc), error=cancel[1])
+        elif oom is not None:
+            res = ExecResult("memory", exit_code=shell_code(rc), error=oom)
         else:
-            error = None if rc >= 0 else f"killed by {_signame(-rc)}"
-            res = ExecResult("exited", exit_code=_shell_code(rc), error=error)
+            error = None if rc >= 0 else f"killed by {signame(-rc)}"
+            res = ExecResult("exited", exit_code=shell_code(rc), error=error)
+        if self.watch is not None:
+            res.peak_rss_mb, res.progress = self.watch.peak_mb, self.watch.progress
         if res.outcome in ("exited", "timeout"):
             self._collect(res)
         return self._finish(res)
 
-    def cancel(self, outcome: Outcome = "cancelled", reason: str = "cancelled") -> None:
-        """Kill the process group (SIGTERM, then SIGKILL after the grace period)."""
+    def cancel(
+        self, outcome: Outcome = "cancelled", reason: str = "cancelled", *, kill_now: bool = False
+    ) -> None:
+        """Kill the process group (SIGTERM, then SIGKILL after the grace period).
+
+        ``kill_now``: SIGKILL at once (a group past its RAM must not grow on).
+        """
         with self._lock:
             if self.result is not None or self._cancel is not None:
                 return
             self._cancel = (outcome, reason)
             if self.pgid is None:
                 return  # not started: start() will not spawn
+            if kill_now:
+                procs.signal_group(self.pgid, signal.SIGKILL)
+                return
             self._terminate_group()
             pgid = self.pgid
             timer = threading.Timer(
@@ -403,77 +417,35 @@ class Execution:
         else:
             self._linked[req.path] = src
 
-    def _env(self) -> dict[bytes, bytes]:
-        """The child's environment, as bytes (the base part is encoded once per executor)."""
-        fs = os.fsencode
-        env = dict(self.executor._base_env_b)
-        for k, v in self.spec.env.items():
-            env[fs(k)] = fs(v)
-        env[b"HERDER_ATTEMPT_ID"] = b"%d" % self.spec.attempt_id
-        if self.spec.task_id is not None:
-            env[b"HERDER_TASK_ID"] = b"%d" % self.spec.task_id
-        if self.spec.job_id is not None:
-            env[b"HERDER_JOB_ID"] = b"%d" % self.spec.job_id
-        work = fs(self._work_s)
-        env[b"HERDER_JOB_ROOT"] = work
-        env[b"PWD"] = work
-        return env
-
     def _spawn(self) -> subprocess.Popen[bytes]:
-        cmd = self.spec.command
-        direct: list[str] | None
-        if isinstance(cmd, list):
-            direct, shell_fallback = list(cmd), None
-        else:
-            direct, shell_fallback = direct_argv(cmd), cmd
-        env = self._env()
         if len(self._log_fds) != len(STREAMS):  # start() without prepare()
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
             for st in STREAMS:
                 if st not in self._log_fds:
                     self._log_fds[st] = os.open(self.log_paths[st], flags, 0o644)
-        out, err = self._log_fds["stdout"], self._log_fds["stderr"]
-        cwd = self._work_s
-
-        def popen(argv: list[str], executable: str | None = None) -> subprocess.Popen[bytes]:
-            # close_fds and start_new_session cost nothing measurable next to fork/exec
-            # (vfork, close_range); an absolute ``executable`` spares the PATH walk.
-            return subprocess.Popen(
-                argv,
-                executable=executable,
-                cwd=cwd,
-                env=env,
-                stdin=self.executor.devnull,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                start_new_session=True,
-            )
-
-        if direct is None:
-            assert isinstance(cmd, str)
-            return popen([self.executor.shell, "-c", cmd])
-        try:
-            path = self.spec.env.get("PATH", self.executor.base_env.get("PATH"))
-            resolved = self.executor._which(direct[0], path)
-            if resolved is not None:
-                try:
-                    return popen(direct, resolved)
-                except OSError:  # gone or changed since it was cached: search again
-                    self.executor._which_forget(direct[0], path)
-            return popen(direct)
-        except FileNotFoundError:
-            raise _CommandNotRunnable(127, f"{direct[0]}: command not found") from None
-        except PermissionError:
-            raise _CommandNotRunnable(126, f"{direct[0]}: permission denied") from None
-        except OSError as exc:
-            if shell_fallback is not None:  # e.g. ENOEXEC: a script without '#!'
-                return popen([self.executor.shell, "-c", shell_fallback])
-            raise _CommandNotRunnable(126, f"{direct[0]}: {exc.strerror or exc}") from None
+        spec, executor = self.spec, self.executor
+        env = child_env(
+            executor._base_env_b,
+            spec.env,
+            spec.attempt_id,
+            spec.task_id,
+            spec.job_id,
+            self._work_s,
+        )
+        return spawn(
+            spec.command,
+            env=env,
+            cwd=self._work_s,
+            stdin=executor.devnull,
+            stdout=self._log_fds["stdout"],
+            stderr=self._log_fds["stderr"],
+            shell=executor.shell,
+            path=spec.env.get("PATH", executor.base_env.get("PATH")),
+            programs=executor.programs,
+        )
 
     def _append_stderr(self, text: str) -> None:
-        with contextlib.suppress(OSError), open(self.log_paths["stderr"], "ab") as fh:
-            fh.write(text.encode())
+        append_log(self.log_path_s("stderr"), text.encode())  # never through a symlink
 
     def _terminate_group(self) -> None:
         if self.pgid is not None:
@@ -527,23 +499,11 @@ class Execution:
         return res
 
 
-class _CommandNotRunnable(Exception):
-    def __init__(self, code: int, msg: str) -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-
-
-def _shell_code(rc: int) -> int:
-    """Popen's returncode as a shell would report it (signal n → 128 + n)."""
-    return rc if rc >= 0 else 128 - rc
-
-
 def _join(a: str | None, b: str) -> str:
     return b if not a else f"{a}; {b}"
 
 
-class Executor:
+class Executor(SandboxPool):
     """Creates executions under ``work_root``; shared blob cache; tracks running groups."""
 
     def __init__(
@@ -557,6 +517,8 @@ class Executor:
         shell: str = "/bin/sh",
         subreaper: bool = True,
         max_spares: int = 32,
+        ram_tolerance: float = DEFAULT_RAM_TOLERANCE,
+        watch_interval_s: float = DEFAULT_WATCH_INTERVAL_S,
     ) -> None:
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
@@ -570,7 +532,9 @@ class Executor:
         self.base_env = dict(os.environ if base_env is None else base_env)
         # encoded once: Popen would encode every variable of every task's environment
         self._base_env_b = {os.fsencode(k): os.fsencode(v) for k, v in self.base_env.items()}
-        self._which_cache: dict[tuple[str, str | None], tuple[str, float]] = {}
+        self.programs = ProgramCache()
+        # RSS against ram_mb, OOM kills, progress, stuck attempts (herder.agent.watch).
+        self.watcher = Watcher(interval_s=watch_interval_s, ram_tolerance=ram_tolerance)
         self.kill_grace_s = kill_grace_s
         self.shell = shell
         self._running: dict[int, Execution] = {}
@@ -582,34 +546,6 @@ class Executor:
         if subreaper:
             procs.become_subreaper()
 
-    def _which(self, name: str, path: str | None) -> str | None:
-        """``name``'s absolute path on ``path`` (cached a few seconds), or None: let exec search.
-
-        Only bare names and absolute PATH entries (relative ones depend on
-        the child's cwd).
-        """
-        if "/" in name:
-            return None
-        key = (name, path)
-        now = time.monotonic()
-        hit = self._which_cache.get(key)
-        if hit is not None and now - hit[1] < WHICH_TTL_S:
-            return hit[0]
-        search = os.defpath if path is None else path
-        if any(not d.startswith("/") for d in search.split(os.pathsep)):
-            return None
-        found = shutil.which(name, path=search)
-        if found is None:
-            self._which_cache.pop(key, None)
-            return None
-        if len(self._which_cache) > 1024:
-            self._which_cache.clear()
-        self._which_cache[key] = (found, now)
-        return found
-
-    def _which_forget(self, name: str, path: str | None) -> None:
-        self._which_cache.pop((name, path), None)
-
     def execution(self, spec: ExecSpec) -> Execution:
         return Execution(self, spec)
 
@@ -619,64 +555,6 @@ class Executor:
 
     def sandbox_path(self, attempt_id: int) -> Path:
         return self.work_root / f"{SANDBOX_PREFIX}{attempt_id}"
-
-    # -- spare sandboxes (recycled, DESIGN §10) --------------------------------
-
-    def _take_spare(self) -> str | None:
-        with self._lock:
-            return self._spares.pop() if self._spares else None
-
-    def _recycle(self, ex: Execution) -> bool:
-        """Keep ``ex``'s delivered sandbox for a later attempt; False: remove it instead.
-
-        Only a sandbox whose ``work/`` is known empty (no inputs, no files left)
-        and still ``rwxr-xr-x``, whose group is gone, and while the pool has room.
-        """
-        if not ex.work_empty or ex.result is None or ex.running:
-            return False
-        with self._lock:
-            if len(self._spares) >= self.max_spares:
-                return False
-            self._spare_seq += 1
-            spare = os.path.join(self._work_root_s, f"{SPARE_PREFIX}{self._spare_seq}")
-        try:
-            st = os.lstat(ex._work_s)
-            if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o755:
-                return False
-            os.rename(ex._sandbox_s, spare)
-        except OSError:
-            return False
-        with self._lock:
-            self._spares.append(spare)
-        return True
-
-    def drop_spares(self) -> None:
-        """Remove the recycled sandboxes (the agent stops)."""
-        with self._lock:
-            spares, self._spares = self._spares, []
-        for spare in spares:
-            self.cleaner.put(Path(spare))
-
-    def purge_stale(self, keep: Collection[int] = ()) -> int:
-        """Remove sandboxes left by an earlier agent process, except ``keep``. Returns how many."""
-        n = 0
-        for entry in self.work_root.iterdir():
-            name = entry.name
-            if name.startswith(SPARE_PREFIX):
-                with self._lock:
-                    if str(entry) in self._spares:
-                        continue
-                rmtree_sandbox(entry)
-                continue
-            if name.startswith(SANDBOX_PREFIX) and name[1:].isdigit() and entry.is_dir():
-                if int(name[1:]) in keep:
-                    continue
-                with self._lock:
-                    if int(name[1:]) in self._running:
-                        continue
-                rmtree_sandbox(entry)
-                n += 1
-        return n
 
     def reap_orphans(self) -> int:
         """Reap zombie orphans re-parented to the agent (call periodically)."""
@@ -699,8 +577,10 @@ class Executor:
     def _register(self, ex: Execution) -> None:
         with self._lock:
             self._running[ex.attempt_id] = ex
+        self.watcher.watch(ex)
 
     def _unregister(self, ex: Execution) -> None:
+        self.watcher.unwatch(ex)
         with self._lock:
             self._running.pop(ex.attempt_id, None)
 

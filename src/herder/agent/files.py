@@ -18,10 +18,12 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from herder.agent.outputs import sha256_file
 
@@ -140,6 +142,41 @@ class BlobCache:
 
 # ------------------------------------------------------------------ log tails
 
+_LOG_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_log(path: Path | str) -> BinaryIO | None:
+    """A sandbox's log file opened for reading; None when it is no regular file now.
+
+    The command runs next to its log files and can replace one with a symlink
+    (to /etc/shadow: the agent would ship it as the log), a FIFO (an open
+    that never returns) or a device: never followed, never opened blocking.
+    """
+    try:
+        fd = os.open(path, _LOG_READ)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def append_log(path: Path | str, data: bytes) -> None:
+    """Append to a sandbox's log file, never through a symlink nor into a FIFO."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.write(fd, data)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 class LogTail:
     """Reads what a log file gained since the last read, as text.
@@ -157,11 +194,14 @@ class LogTail:
         """(new text, more bytes remain). ``final`` flushes the decoder at EOF."""
         data = b""
         try:
-            if os.stat(self.path).st_size > self.offset:  # the common case: nothing new
-                with open(self.path, "rb") as fh:
-                    fh.seek(self.offset)
-                    data = fh.read(limit + 1)
-        except FileNotFoundError:
+            # lstat: the size of a symlink the command put there is not its target's
+            if os.lstat(self.path).st_size > self.offset:  # the common case: nothing new
+                fh = open_log(self.path)
+                if fh is not None:
+                    with fh:
+                        fh.seek(self.offset)
+                        data = fh.read(limit + 1)
+        except OSError:
             pass
         more = len(data) > limit
         data = data[:limit]
@@ -238,6 +278,8 @@ __all__ = [
     "FetchBlob",
     "LogTail",
     "SandboxCleaner",
+    "append_log",
+    "open_log",
     "StagingError",
     "clone_file",
     "rmtree_sandbox",

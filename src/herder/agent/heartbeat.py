@@ -71,7 +71,11 @@ class HeartbeatMixin(AgentCore):
         assert self.agent_id is not None
         with self._lock:
             running = [
-                RunningAttempt(attempt_id=a.id, token=a.token)
+                RunningAttempt(
+                    attempt_id=a.id,
+                    token=a.token,
+                    progress=a.execution.progress if a.execution is not None else None,
+                )
                 for a in self._attempts.values()
                 if not a.stale
             ]

@@ -3,14 +3,17 @@
 Both are the standard library's ``ThreadingHTTPServer`` in a daemon thread (the
 agent is built of threads with no event loop; see their modules for why that
 suffices), answering JSON with ``{"error", "message"}`` on failure like the
-master. This module holds what they share: the server classes, the error that
-a handler raises to answer a status, sending a body, and method dispatch.
+master. This module holds what they share: the server classes (TLS on every
+connection when given a context), the error that a handler raises to answer a
+status, sending a body, and method dispatch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,6 +29,27 @@ class HttpError(Exception):
 class JsonServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # Set before serving: every connection speaks TLS (herder.tlsconf). The
+    # handshake runs in the connection's thread, not in the accept loop, so a
+    # client that connects and says nothing cannot stall the listener.
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        ctx = self.ssl_context
+        if ctx is None:
+            super().finish_request(request, client_address)
+            return
+        from herder.tlsconf import accept_tls
+
+        assert isinstance(request, socket.socket)
+        tls = accept_tls(ctx, request, client_address)
+        if tls is None:
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            # The plain socket was detached into ``tls``: the caller's shutdown of it is a no-op.
+            self.shutdown_request(tls)
 
 
 class JsonHandler(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""Process-group helpers: kill a whole group, wait until it is gone, reap orphans.
+"""Process-group helpers: kill a whole group, wait until it is gone, reap orphans, RSS.
 
 A task runs in its own session (``start_new_session=True``), so its process
 group id is the leader's pid. Background children it leaves behind are killed
@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection
 
 log = logging.getLogger("herder.agent")
 
@@ -118,6 +119,33 @@ def reap_orphans(exclude: set[int]) -> int:
             done, _ = os.waitpid(pid, os.WNOHANG)
             n += done != 0
     return n
+
+
+def group_rss(pgids: Collection[int]) -> dict[int, int]:
+    """Resident set size in bytes of each process group in ``pgids``: the sum over its members.
+
+    One pass over the process table (``psutil``; one ``getpgid`` per process,
+    one ``statm`` read per member). A group with no member using memory
+    (gone, or only zombies) is absent.
+    """
+    import psutil
+
+    want = set(pgids)
+    out: dict[int, int] = {}
+    for pid in psutil.pids():
+        try:
+            pgid = os.getpgid(pid)
+        except OSError:  # gone meanwhile
+            continue
+        if pgid not in want:
+            continue
+        try:
+            rss = psutil.Process(pid).memory_info().rss
+        except psutil.Error:  # gone meanwhile
+            continue
+        if rss:  # a zombie has none (and its group may be dying): no sample
+            out[pgid] = out.get(pgid, 0) + rss
+    return out
 
 
 def kill_group_and_wait(pgid: int, timeout: float = 5.0) -> bool:

@@ -40,13 +40,58 @@ class SlotsMixin(AgentCore):
         """One of ``slots`` threads: run offers from the ready queue, one at a time."""
         while True:
             with self._cond:
-                while not self._ready and not self._halt.is_set():
+                while True:
+                    offer = self._take_fitting()
+                    if offer is not None or self._halt.is_set():
+                        break
                     self._slot_cond.wait()
-                if not self._ready:
-                    return
-                offer = self._ready.popleft()
+                if offer is None:
+                    if not self._ready:
+                        return
+                    offer = self._ready.popleft()  # halting: it is released, not run
+                    self._reserve(offer, 1)
                 self._started[offer.attempt_id] = time.monotonic()
-            self._run_one(offer)
+            try:
+                self._run_one(offer)
+            finally:
+                with self._cond:
+                    self._reserve(offer, -1)
+                    if self._ready:
+                        self._slot_cond.notify()  # what waited for room may fit now
+
+    def _take_fitting(self) -> Offer | None:
+        """The first ready offer that fits what the running ones leave free (under the lock).
+
+        The master fits what it offers within the free slots (herder.core.schedule);
+        offers claimed ahead wait here until they fit, so the agent never runs
+        more cpus, RAM or GPUs than it has at once. With nothing running, the
+        first offer runs whatever it asks (the master checked it fits at all).
+        """
+        if not self._ready:
+            return None
+        cfg = self.config
+        cpus, ram, gpus = self._running_use
+        idle = cpus == 0 and ram == 0 and gpus == 0
+        cpu_cap = max(cfg.cpus, cfg.slots)
+        ram_cap = min(cfg.ram_mb, cfg.max_ram_mb) if cfg.max_ram_mb else cfg.ram_mb
+        for i, offer in enumerate(self._ready):
+            if idle or (
+                cpus + offer.cpus <= cpu_cap
+                and gpus + offer.gpus <= cfg.gpus
+                and (ram_cap <= 0 or ram + offer.ram_mb <= ram_cap)
+            ):
+                del self._ready[i]
+                self._reserve(offer, 1)
+                return offer
+        return None
+
+    def _reserve(self, offer: Offer, sign: int) -> None:
+        cpus, ram, gpus = self._running_use
+        self._running_use = (
+            cpus + sign * offer.cpus,
+            ram + sign * offer.ram_mb,
+            gpus + sign * offer.gpus,
+        )
 
     def _run_one(self, offer: Offer) -> None:
         with self._lock:
@@ -187,6 +232,8 @@ class SlotsMixin(AgentCore):
             outputs=outputs,
             log=self._final_log(att, ex),
             blobs=inline,
+            peak_rss_mb=res.peak_rss_mb,
+            progress=res.progress,
         )
 
     def _upload_outputs(self, att: Attempt, res: ExecResult) -> str | None:

@@ -67,10 +67,18 @@ def is_outcome_unknown(exc: BaseException) -> bool:
 
 
 def is_client_error(exc: BaseException) -> bool:
-    """An HTTP 4xx answer (other than 409 stale): resending will not help."""
+    """An HTTP 4xx answer (other than 409 stale): resending will not help.
+
+    Not 401/403: a token expired, revoked or not yet allowed is the farm's
+    configuration, which an admin fixes; results are kept and sent again.
+    """
     from herder.client import ApiError
 
-    return isinstance(exc, ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
+    return (
+        isinstance(exc, ApiError)
+        and 400 <= exc.status < 500
+        and exc.status not in (401, 403, 408, 429)
+    )
 
 
 REFUSED_STATUSES = (400, 413, 422)  # the master cannot take this request, ever
@@ -183,6 +191,7 @@ class AgentCore:
         self._attempts: dict[int, Attempt] = {}
         self._acks: dict[int, float] = {}  # attempt id -> when it must be sent
         self._ready: deque[Offer] = deque()  # offers waiting for a slot thread
+        self._running_use = (0, 0, 0)  # cpus, RAM (MB), GPUs of the offers the slots run
         self._outbox: list[Attempt] = []  # completions waiting to be delivered
         self._outbox_since = 0.0  # when the oldest outbox entry arrived
         self._started: dict[int, float] = {}  # running attempt -> when its slot took it

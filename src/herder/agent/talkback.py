@@ -15,6 +15,8 @@ agent start (or given with ``--talkback-token``) and sent to the master in the
 registration, which keeps it out of every view. Errors are JSON
 ``{"error", "message"}`` like the master's: 401 unauthenticated, 400 bad JSON,
 404 unknown attempt or path, 405, 413, 422 bad field, 501 not supported.
+With the agent's ``--tls-cert``/``--tls-key`` it serves HTTPS (its URL is
+``https://…``), and masters verify it against their ``--ca`` (``herder.tlsconf``).
 
 Why the standard library's ``ThreadingHTTPServer`` in a daemon thread: the
 agent is built of threads with no event loop, the endpoint serves a handful
@@ -30,6 +32,7 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 import threading
 from typing import Any, Protocol
 
@@ -133,11 +136,14 @@ class TalkbackServer:
         bind: str = DEFAULT_BIND,
         token: str | None = None,
         advertise_host: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.agent = agent
         self.host, self.port = parse_bind(bind)
         self.token = token or new_token()
         self.advertise_host = advertise_host
+        # HTTPS (herder.tlsconf): the master verifies it against its --ca.
+        self.ssl_context = ssl_context
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -148,6 +154,7 @@ class TalkbackServer:
         cls = _Server6 if ":" in self.host else _Server
         server = cls((self.host, self.port), _Handler)
         server.talkback = self
+        server.ssl_context = self.ssl_context
         self._server = server
         self.port = int(server.server_address[1])
         self._thread = threading.Thread(
@@ -167,7 +174,8 @@ class TalkbackServer:
             host = socket.getfqdn()
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -1,23 +1,28 @@
 """``HerderClient``: the one HTTP client of the master API (CLI, Python API, agent).
 
 Every call goes through ``RequestLoop._request`` (``herder.client.loop``), which implements the
-redirect protocol of seeds/004 (DESIGN §7):
+redirect protocol of seeds/004 (DESIGN §7; the wire format is docs/protocol-deferrals.md):
 
 * the client keeps *servers to try*, *servers tried*, *dead servers* and a
-  *priority flag* (sent as ``Herder-Priority: 1``);
+  *priority flag* (sent as ``Herder-Priority: 1``); the lists and the steps
+  are ``herder.client.deferral.LoopState``;
 * a master that cannot be reached goes to *dead servers*;
 * a **busy** deferral (HTTP 503, ``{"error": "busy", "message", "alternates",
-  "queued"}``, ``Retry-After``) or a **no-service** deferral (HTTP 421,
-  ``{"error": "no_service", "message", "alternates"}``) puts the master on
-  *servers tried*; alternates no list knows yet join *servers to try*;
-* when *servers to try* runs out, the flag turns on and the tried servers are
-  tried again (a master must queue, not defer, a priority request it can
-  handle); when it runs out with the flag on, :class:`NoMasterAvailable`;
+  "queued": {"requests", "estimate_s"}}``, ``Retry-After``) puts the master on
+  *servers tried*; a **no-service** deferral (HTTP 421, ``{"error":
+  "no_service", "message", "alternates"}``) puts it on no list: it is not asked
+  again for this request; alternates no list knows yet join *servers to try*;
+* when *servers to try* runs out, the flag turns on and the tried (busy)
+  servers are tried again (a master must queue, not defer, a priority request
+  it can handle); ``on_all_busy=`` may give up instead (:class:`WaitDeclined`,
+  the CLI's ``--no-wait``); when it runs out with the flag on,
+  :class:`NoMasterAvailable` names every master tried and what it said;
 * a **continuation** deferral (a 2xx answer with header
   ``Herder-Continuation: 1`` and body ``{"continuation": {"method", "path",
-  "body", "params"}, "alternates"}``) means the first transaction is done: the
-  flag resets, the tried servers become servers to try again, and the loop
-  goes on with the new command (which is idempotent by construction).
+  "body", "params"}, "alternates", "result"}``) means the first transaction is
+  done: the flag resets, the tried servers become servers to try again (after
+  the continuation's alternates; the master that answered only if it is one),
+  and the loop goes on with the new command (idempotent by construction).
 
 With ``master_timeout=`` (seconds) or ``outage=OutagePolicy(...)``
 (``herder.client.outage``) a request that finds no master waits for one
@@ -45,16 +50,20 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from herder.api_auth import AgentRegistered
 from herder.api_control import update_fields
+from herder.api_inputs import JobHeld
 from herder.api_models import (
     AckRequest,
+    AgentLimits,
     AgentList,
     AgentRegister,
     AgentView,
@@ -77,6 +86,8 @@ from herder.api_models import (
     LogAppend,
     LogChunk,
     LogView,
+    OwnerShareList,
+    OwnerShareView,
     TaskView,
     decode_inline,
 )
@@ -84,7 +95,7 @@ from herder.client.errors import (
     BlobDigestError,
     HerderClientError,
 )
-from herder.client.files import CHUNK, hash_files
+from herder.client.files import CHUNK, InputSource, InputUploader, hash_files
 from herder.client.logs import FullLogMixin
 from herder.client.loop import (
     API_PREFIX,
@@ -98,6 +109,8 @@ from herder.client.loop import (
     normalize_master_url,
 )
 from herder.records import FollowPage, OutputRecord, TaskResult
+
+M = TypeVar("M", bound=BaseModel)
 
 BLOB_QUERY_BATCH = 10_000
 MAX_BODY_CUTS = 5
@@ -138,16 +151,39 @@ class HerderClient(FullLogMixin, RequestLoop):
 
     # ------------------------------------------------------------------ jobs
 
-    def submit_job(self, spec: JobSubmit) -> JobView:
-        """Submit a job. Resent after an ambiguous failure only when it has an idempotency key."""
+    def submit_job(
+        self, spec: JobSubmit, *, inputs: Mapping[str, InputSource] | None = None
+    ) -> JobView:
+        """Submit a job. Resent after an ambiguous failure only when it has an idempotency key.
+
+        ``inputs`` (``{digest: file or bytes}``): the job's required blobs, sent in
+        two transactions (issue 10): the master creates the job waiting for those
+        it lacks, the client uploads them (:meth:`_submit_with_inputs`).
+        """
         spec = self._keyed(spec)
+        if inputs is not None:
+            held, response = self._submit_with_inputs(spec, inputs, {})
+            if held is not None:
+                return self.get_job(held.id)
+            return _parsed(JobView, response)
         return self._call(
             JobView, "POST", "/jobs", json=spec, idempotent=spec.idempotency_key is not None
         )
 
-    def submit_job_ids(self, spec: JobSubmit) -> JobSubmitted:
-        """Submit a job; the answer names its task ids instead of carrying every task's view."""
+    def submit_job_ids(
+        self, spec: JobSubmit, *, inputs: Mapping[str, InputSource] | None = None
+    ) -> JobSubmitted:
+        """Submit a job; the answer names its task ids instead of carrying every task's view.
+
+        ``inputs``: as for :meth:`submit_job`."""
         spec = self._keyed(spec)
+        if inputs is not None:
+            held, response = self._submit_with_inputs(spec, inputs, {"view": "ids"})
+            if held is not None:
+                return JobSubmitted(
+                    id=held.id, href=held.href, created=held.created, task_ids=held.task_ids
+                )
+            return _parsed(JobSubmitted, response)
         return self._call(
             JobSubmitted,
             "POST",
@@ -156,6 +192,33 @@ class HerderClient(FullLogMixin, RequestLoop):
             params={"view": "ids"},
             idempotent=spec.idempotency_key is not None,
         )
+
+    def _submit_with_inputs(
+        self,
+        spec: JobSubmit,
+        inputs: Mapping[str, InputSource],
+        params: dict[str, str | int | float],
+    ) -> tuple[JobHeld | None, httpx.Response]:
+        """``POST /jobs?inputs=later``, then the uploads its continuation names.
+
+        The short write creates the job (waiting while inputs are missing) and
+        answers a continuation naming them; :class:`InputUploader` uploads them
+        and the loop sends the last one (seeds/004: the continuation is
+        idempotent, by digest). Returns the held job (None: nothing was
+        missing, the answer is the job) and the last answer. A crash in between
+        leaves the job waiting: sending the same spec again (same idempotency
+        key) answers what is still missing.
+        """
+        uploader = InputUploader(self.put_blob, inputs)
+        response = self._request(
+            "POST",
+            "/jobs",
+            json=spec,
+            params={**params, "inputs": "later"},
+            idempotent=spec.idempotency_key is not None,
+            on_continuation=uploader,
+        )
+        return uploader.held, response
 
     def _keyed(self, spec: JobSubmit) -> JobSubmit:
         """A client that waits out outages resends: give a keyless submission a key of its own."""
@@ -231,11 +294,12 @@ class HerderClient(FullLogMixin, RequestLoop):
         cpus: int | None = None,
         ram_mb: int | None = None,
         max_attempts: int | None = None,
+        gpus: int | None = None,
     ) -> JobView:
         """Change a live job (``PATCH /jobs/{id}``): priority, tags, cpus, ram_mb of its
         tasks not started yet, max_attempts of every task not finished. ApiError 422
         naming a bad field (nothing changed), ConflictError for a finished job."""
-        body = update_fields(priority, tags, cpus, ram_mb, max_attempts)
+        body = update_fields(priority, tags, cpus, ram_mb, max_attempts, gpus)
         return self._call(JobView, "PATCH", f"/jobs/{int(job_id)}", json=body, idempotent=True)
 
     def job_events(self, job_id: int, after: int = 0, limit: int | None = None) -> list[EventView]:
@@ -264,8 +328,9 @@ class HerderClient(FullLogMixin, RequestLoop):
 
     def register_agent(self, req: AgentRegister) -> AgentView:
         """Register (idempotent when the agent sends the id it keeps)."""
+        # AgentRegistered: with a join token, the answer carries the agent's own token.
         return self._call(
-            AgentView, "POST", "/agents", json=req, idempotent=req.agent_id is not None
+            AgentRegistered, "POST", "/agents", json=req, idempotent=req.agent_id is not None
         )
 
     def list_agents(self) -> list[AgentView]:
@@ -273,6 +338,29 @@ class HerderClient(FullLogMixin, RequestLoop):
 
     def get_agent(self, agent_id: str) -> AgentView:
         return self._call(AgentView, "GET", f"/agents/{agent_id}", idempotent=True)
+
+    # ------------------------------------------------------------- scheduler
+
+    def set_agent_limits(self, agent_id: str, **limits: int | float | None) -> AgentView:
+        """Change an agent's own limits now: ``max_ram_mb``, ``max_load`` (None lifts one)."""
+        body = AgentLimits.model_validate(limits).model_dump(exclude_unset=True)
+        return self._call(
+            AgentView, "PATCH", f"/agents/{quote(agent_id, safe='')}", json=body, idempotent=True
+        )
+
+    def owner_shares(self) -> list[OwnerShareView]:
+        """Owners' fair-share weights and the slot-seconds they used over the window."""
+        return self._call(OwnerShareList, "GET", "/owners", idempotent=True).owners
+
+    def set_owner_weight(self, owner: str, weight: float) -> OwnerShareView:
+        """An owner's fair-share weight (default 1): 2 gets twice the slots of 1."""
+        return self._call(
+            OwnerShareView,
+            "PUT",
+            f"/owners/{quote(owner, safe='')}/share",
+            json={"weight": weight},
+            idempotent=True,
+        )
 
     def claim(
         self, agent_id: str, req: ClaimRequest, *, idempotent: bool | None = None
@@ -443,6 +531,15 @@ class HerderClient(FullLogMixin, RequestLoop):
                 yield from self.job_events(job_id, after=after)
                 return
             time.sleep(poll_s)
+
+
+def _parsed(model: type[M], response: httpx.Response) -> M:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise HerderClientError(
+            f"POST /jobs: the master's answer is not a valid {model.__name__}: {exc}"
+        ) from exc
 
 
 def follow_page(view: FollowView) -> FollowPage:

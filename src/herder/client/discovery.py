@@ -490,10 +490,13 @@ class MasterDiscovery:
 
     def _client(self) -> httpx.Client:
         if self._http is None:
+            from herder.tlsconf import client_verify
+
             self._http = httpx.Client(
                 transport=self._transport,
                 timeout=self._http_timeout,
                 trust_env=False,
+                verify=client_verify(True),  # --ca / $HERDER_CA, as the request loop
                 headers={"accept": "application/json"},
             )
         return self._http

@@ -63,16 +63,89 @@ class AttemptRecord:
     """What happened when one master was tried for one request."""
 
     server: str
-    outcome: str  # unreachable, timeout, broken, busy, no_service, gateway
+    outcome: str  # unreachable, timeout, broken, gateway, tls (dead); busy, no_service
     message: str
     priority: bool
 
 
-class NoMasterAvailable(HerderClientError):
-    """Every master was tried (twice, the second time with the priority flag) and none answered.
+#: Outcomes of an attempt where the master never answered: it went on *dead servers*.
+DEAD_OUTCOMES = frozenset({"unreachable", "timeout", "broken", "gateway", "tls"})
 
-    ``attempts`` lists what each try gave; ``retry_after`` is the smallest
-    Retry-After a busy master sent (seconds), when any did.
+
+def dead_reason(a: AttemptRecord) -> str:
+    """Why a master counts as dead, in a few words (``connection refused``, ``timed out``)."""
+    msg = a.message.lower()
+    if a.outcome == "gateway":
+        return "gateway error" + (f": {a.message}" if a.message else "")
+    if a.outcome == "tls":
+        return "TLS certificate verify failed"
+    if a.outcome == "timeout" or "timed out" in msg or "timeout" in msg:
+        return "timed out"
+    if "refused" in msg:
+        return "connection refused"
+    if "reset" in msg:
+        return "connection reset"
+    if a.outcome == "broken":
+        return "connection closed"
+    return a.message or "unreachable"
+
+
+def describe_attempts(attempts: Sequence[AttemptRecord]) -> str:
+    """``http://a no_service (read-only), http://b dead (connection refused)``.
+
+    Each master once, in the order first tried, with what it said last.
+    """
+    last: dict[str, AttemptRecord] = {}
+    for a in attempts:
+        last[a.server] = a  # an update keeps the key where it was first inserted
+    parts = []
+    for a in last.values():
+        if a.outcome in DEAD_OUTCOMES:
+            parts.append(f"{a.server} dead ({dead_reason(a)})")
+            continue
+        flag = " with priority" if a.priority and a.outcome == "busy" else ""
+        parts.append(f"{a.server} {a.outcome}{flag}" + (f" ({a.message})" if a.message else ""))
+    return ", ".join(parts)
+
+
+class NoMasterAvailable(HerderClientError):
+    """No master could handle the request (seeds/004: servers to try ran out, flag on).
+
+    ``attempts`` lists what each try gave (each busy master twice: the second
+    time with the priority flag); ``retry_after`` is the smallest Retry-After
+    a busy master sent (seconds), when any did. The message names every master
+    tried and what each said.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        attempts: Sequence[AttemptRecord],
+        *,
+        retry_after: float | None = None,
+        note: str = "",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.attempts = list(attempts)
+        self.retry_after = retry_after
+        # ``note``: why there was no master to try at all (when ``attempts`` is empty).
+        tried = (
+            describe_attempts(self.attempts) if self.attempts else note or "no master configured"
+        )
+        super().__init__(f"no master could handle {method} {path}: {tried}")
+
+    @property
+    def all_declined(self) -> bool:
+        """Every master tried answered no-service: waiting for one will not help."""
+        return bool(self.attempts) and all(a.outcome == "no_service" for a in self.attempts)
+
+
+class WaitDeclined(NoMasterAvailable):
+    """Every master was busy and the caller chose not to wait with priority (``--no-wait``).
+
+    ``attempts`` are the busy answers (and the dead or no-service masters) of the round.
     """
 
     def __init__(
@@ -83,19 +156,11 @@ class NoMasterAvailable(HerderClientError):
         *,
         retry_after: float | None = None,
     ) -> None:
-        self.method = method
-        self.path = path
-        self.attempts = list(attempts)
-        self.retry_after = retry_after
-        if self.attempts:
-            tried = "; ".join(
-                f"{a.server}: {a.outcome}{' (priority)' if a.priority else ''}"
-                + (f" ({a.message})" if a.message else "")
-                for a in self.attempts
-            )
-        else:
-            tried = "no master configured"
-        super().__init__(f"no master could handle {method} {path}: {tried}")
+        super().__init__(method, path, attempts, retry_after=retry_after)
+        self.args = (
+            f"every master is busy for {method} {path} "
+            f"({describe_attempts(self.attempts)}); not waiting",
+        )
 
 
 class BlobDigestError(HerderClientError):

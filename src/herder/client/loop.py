@@ -8,36 +8,46 @@ failure records, sticky preferred master. No API methods here.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from herder import __version__
+from herder.client.deferral import (
+    BUSY,
+    CONTINUATION,
+    BusyRound,
+    Continuation,
+    LoopState,
+)
+from herder.client.deferral import next_request as _next_request
+from herder.client.deferral import parse_deferral as _parse_deferral
 from herder.client.errors import (
     ApiError,
     AttemptRecord,
     HerderClientError,
     NoMasterAvailable,
     RequestOutcomeUnknown,
+    WaitDeclined,
 )
 from herder.client.wire import API_PREFIX as API_PREFIX
 from herder.client.wire import CONTINUATION_HEADER as CONTINUATION_HEADER
 from herder.client.wire import PRIORITY_HEADER as PRIORITY_HEADER
-from herder.client.wire import alternates_of as _alternates_of
 from herder.client.wire import api_path as _api_path
 from herder.client.wire import dump as _dump
 from herder.client.wire import error_from_response as _error_from_response
 from herder.client.wire import json_body as _json_body
 from herder.client.wire import json_bytes as _json_bytes
 from herder.client.wire import normalize_master_url as normalize_master_url
-from herder.client.wire import retry_after as _retry_after
 from herder.client.wire import split_masters as _split_masters
+from herder.tlsconf import TlsVerifyError, client_verify, verify_error, verify_failure_line
 
 if TYPE_CHECKING:
     from herder.client.outage import OutagePolicy, OutageWatch
@@ -49,6 +59,23 @@ _JSON_HEADERS = {"content-type": "application/json"}
 _OCTET_HEADERS = {"content-type": "application/octet-stream"}
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Called with each continuation deferral of an operation (its first transaction's
+#: result, the next request): returns the next request's body (bytes sent as
+#: ``application/octet-stream``, e.g. a blob the caller holds), or None for the
+#: body the master named.
+ContinuationHook = Callable[[Continuation], bytes | None]
+
+#: Called when every master that answered was busy, before the priority round:
+#: True to wait with priority, False to give up (:class:`WaitDeclined`).
+AllBusyHook = Callable[[BusyRound], bool]
+
+
+def _drain(response: httpx.Response, stream: bool) -> None:
+    """Read and release a streamed answer that is not handed to the caller."""
+    if stream:
+        response.read()
+        response.close()
 
 
 class MasterFailure(NamedTuple):
@@ -74,38 +101,6 @@ class _Command:
     headers: Mapping[str, str]
     params: Mapping[str, str | int | float] | None
     idempotent: bool
-
-
-@dataclass
-class _LoopState:
-    to_try: list[str]
-    tried: list[str] = field(default_factory=list)
-    dead: list[str] = field(default_factory=list)
-    priority: bool = False
-    attempts: list[AttemptRecord] = field(default_factory=list)
-    retry_after: float | None = None
-    request: str = ""  # "METHOD path" of the current command, for failure records
-
-    def knows(self, url: str) -> bool:
-        return url in self.to_try or url in self.tried or url in self.dead
-
-    def add_alternates(
-        self, alternates: Iterable[str], current: str, *, front: bool = False
-    ) -> None:
-        """Alternates that no list knows yet join servers-to-try (seeds/004)."""
-        new: list[str] = []
-        for alt in alternates:
-            try:
-                url = normalize_master_url(alt)
-            except ValueError:
-                continue
-            if url == current or url in new or self.knows(url):
-                continue
-            new.append(url)
-        if front:
-            self.to_try[:0] = new
-        else:
-            self.to_try.extend(new)
 
 
 class RequestLoop:
@@ -134,11 +129,12 @@ class RequestLoop:
         timeout: float = 30.0,
         token: str | None = None,
         user_agent: str = f"herder-client/{__version__}",
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         max_connections: int = 100,
         keepalive_expiry: float = 4.0,
         master_timeout: float | None = None,
         outage: OutagePolicy | None = None,
+        on_all_busy: AllBusyHook | None = None,
     ) -> None:
         if masters is None and discovery is None:
             raise ValueError("give masters, a discovery, or both")
@@ -146,13 +142,18 @@ class RequestLoop:
         self._discovery = discovery
         self._timeout = float(timeout)
         headers = {"user-agent": user_agent, "accept": "application/json"}
+        if token is None:  # herder.client.auth: HERDER_TOKEN, then the token files
+            from herder.client.auth import default_token
+
+            token = default_token()
         if token:
             headers["authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(self._timeout),
             headers=headers,
-            verify=verify,
+            # True: --ca / $HERDER_CA, else the system trust store (herder.tlsconf).
+            verify=client_verify(verify),
             limits=httpx.Limits(
                 max_connections=max_connections,
                 max_keepalive_connections=max_connections,
@@ -168,6 +169,7 @@ class RequestLoop:
         self._lock = threading.Lock()
         self._failures: deque[MasterFailure] = deque(maxlen=MAX_FAILURES_KEPT)
         self._outage: OutageWatch | None = None
+        self._on_all_busy = on_all_busy
         if outage is None and master_timeout is not None:
             from herder.client.outage import OutagePolicy
 
@@ -184,6 +186,13 @@ class RequestLoop:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def set_token(self, token: str | None) -> None:
+        """Send ``token`` from now on (an agent that received its own at registration)."""
+        if token:
+            self._http.headers["authorization"] = f"Bearer {token}"
+        else:
+            self._http.headers.pop("authorization", None)
 
     def close(self) -> None:
         if self._outage is not None:
@@ -254,8 +263,12 @@ class RequestLoop:
         timeout: httpx.Timeout | float | None = None,
         stream: bool = False,
         content_type: str | None = None,
+        on_continuation: ContinuationHook | None = None,
     ) -> httpx.Response:
         """Send one API request through the seeds/004 loop and return the answer.
+
+        ``on_continuation`` sees each continuation deferral (the first
+        transaction's result) and may give the next request's body.
 
         Returns a 2xx response (with ``stream=True`` the caller must close it);
         raises :class:`ApiError` (and subclasses) for an error answer,
@@ -267,7 +280,16 @@ class RequestLoop:
         watch = self._outage
         if watch is None:
             return self._round(
-                method, path, json, content, params, idempotent, timeout, stream, content_type
+                method,
+                path,
+                json,
+                content,
+                params,
+                idempotent,
+                timeout,
+                stream,
+                content_type,
+                on_continuation=on_continuation,
             )
         # Outage riding (herder.client.outage): a round that reached no master sent
         # nothing anywhere, so the same request may go again, to every master known.
@@ -289,8 +311,18 @@ class RequestLoop:
                     stream,
                     content_type,
                     also=also,
+                    on_continuation=on_continuation,
                 )
+            except WaitDeclined:
+                raise  # the caller chose not to wait for busy masters
+            except TlsVerifyError:
+                raise  # waiting does not fix a certificate: fail fast
             except NoMasterAvailable as exc:
+                if exc.all_declined:
+                    # Every master answered, and none serves this request: waiting
+                    # for one would only wait out the master timeout.
+                    watch.back(self._preferred)
+                    raise
                 watch.wait(watch.next_wait(exc, backoff))
                 invalidate = getattr(self._discovery, "invalidate", None)
                 if invalidate is not None:
@@ -326,8 +358,13 @@ class RequestLoop:
         content_type: str | None,
         *,
         also: Sequence[str] = (),
+        on_continuation: ContinuationHook | None = None,
     ) -> httpx.Response:
-        """One pass of the seeds/004 loop over the masters (``also``: more to try last)."""
+        """One pass of the seeds/004 loop over the masters (``also``: more to try last).
+
+        The steps are those of seeds/004, in its order; the lists and the flag
+        are a :class:`~herder.client.deferral.LoopState`.
+        """
         if json is not None and content is not None:
             raise ValueError("give json or content, not both")
         if json is not None:
@@ -348,21 +385,35 @@ class RequestLoop:
             raise NoMasterAvailable(cmd.method, cmd.path, [])
         if preferred is not None:
             to_try = [preferred, *(m for m in to_try if m != preferred)]
-        state = _LoopState(to_try=to_try, request=f"{cmd.method} {cmd.path}")
+        state = LoopState(to_try=to_try, request=f"{cmd.method} {cmd.path}")
         timeout_value: httpx.Timeout | float = self._timeout if timeout is None else timeout
         continuations = 0
         retried_same: set[str] = set()
+        tls_line: str | None = None  # the first certificate that failed verification
 
         while True:
             if not state.to_try:
                 if state.priority:
+                    # No server could handle the request: report it.
+                    if tls_line is not None:
+                        raise TlsVerifyError(
+                            cmd.method, cmd.path, state.attempts, tls_line, state.retry_after
+                        )
                     raise NoMasterAvailable(
+                        cmd.method,
+                        cmd.path,
+                        state.attempts,
+                        retry_after=state.retry_after,
+                        note=state.note,
+                    )
+                # Every server was tried: the busy ones again, with the flag on.
+                again = state.start_priority_round()
+                if again and not self._wait_with_priority(cmd, state, again):
+                    raise WaitDeclined(
                         cmd.method, cmd.path, state.attempts, retry_after=state.retry_after
                     )
-                state.priority = True
-                state.to_try, state.tried = state.tried, []
                 continue
-            server = state.to_try.pop(0)
+            server = state.take()
             req_headers = dict(cmd.headers)
             if state.priority:
                 req_headers[PRIORITY_HEADER] = "1"
@@ -376,7 +427,7 @@ class RequestLoop:
                     timeout=timeout_value,
                 )
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-                self._note(state, server, "unreachable", exc, dead=True, record=False)
+                self._note(state, server, "unreachable", exc, record=False)
                 continue
             try:
                 response = self._http.send(request, stream=stream)
@@ -389,7 +440,11 @@ class RequestLoop:
             ) as exc:
                 # Never reached the server: safe to send elsewhere.
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "unreachable"
-                self._note(state, server, kind, exc, dead=True)
+                tls = verify_error(exc)
+                if tls is not None:  # a dead server, never a busy one (see TlsVerifyError)
+                    kind = "tls"
+                    tls_line = tls_line or verify_failure_line(server, tls)
+                self._note(state, server, kind, exc)
                 continue
             except (httpx.WriteError, httpx.WriteTimeout) as exc:
                 # The request was not fully written: the server cannot act on it.
@@ -399,7 +454,7 @@ class RequestLoop:
                     retried_same.add(server)
                     state.to_try.insert(0, server)
                     continue
-                self._note(state, server, "broken", exc, dead=True)
+                self._note(state, server, "broken", exc)
                 continue
             except (httpx.ReadError, httpx.ReadTimeout, httpx.RemoteProtocolError) as exc:
                 # The request may have reached the server.
@@ -415,42 +470,14 @@ class RequestLoop:
                     state.to_try.insert(0, server)
                     continue
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "broken"
-                self._note(state, server, kind, exc, dead=True)
+                self._note(state, server, kind, exc)
                 continue
 
             status = response.status_code
-            if status in (503, 421):
-                if stream:
-                    response.read()
-                    response.close()
-                payload = _json_body(response)
-                message = ""
-                if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-                    message = payload["message"]
-                if status == 503:
-                    queued = payload.get("queued") if isinstance(payload, dict) else None
-                    if queued is not None:
-                        message = f"{message}; {queued} queued" if message else f"{queued} queued"
-                    ra = _retry_after(response)
-                    if ra is not None:
-                        state.retry_after = (
-                            ra if state.retry_after is None else min(ra, state.retry_after)
-                        )
-                    self._record_failure(server, "busy", state.request)
-                    outcome = "busy"
-                else:
-                    outcome = "no_service"
-                state.attempts.append(AttemptRecord(server, outcome, message, state.priority))
-                state.add_alternates(_alternates_of(payload), server)
-                state.tried.append(server)
-                if self._preferred == server:
-                    self._preferred = None
-                continue
             if status in (502, 504):
-                # A proxy in front of the master could not get an answer.
-                if stream:
-                    response.read()
-                    response.close()
+                # A proxy in front of the master could not get an answer: the
+                # master cannot be contacted.
+                _drain(response, stream)
                 if not cmd.idempotent:
                     self._record_failure(server, "gateway", state.request)
                     raise RequestOutcomeUnknown(
@@ -458,82 +485,80 @@ class RequestLoop:
                         server + cmd.path,
                         HerderClientError(f"HTTP {status} from a gateway"),
                     )
-                self._note(state, server, "gateway", HerderClientError(f"HTTP {status}"), dead=True)
+                self._note(state, server, "gateway", HerderClientError(f"HTTP {status}"))
                 continue
 
-            # The server handled the request.
-            self._preferred = server
-            if status >= 300:
-                if stream:
-                    response.read()
-                    response.close()
-                raise _error_from_response(response)
-            if response.headers.get(CONTINUATION_HEADER) == "1":
-                if stream:
-                    response.read()
-                    response.close()
+            deferral = _parse_deferral(response)
+            if deferral is None:
+                # The server handled the request: report status and exit.
+                self._preferred = server
+                if status >= 300:
+                    _drain(response, stream)
+                    raise _error_from_response(response)
+                return response
+            _drain(response, stream)
+            if deferral.kind == CONTINUATION:
+                self._preferred = server  # it handled the first transaction
                 continuations += 1
                 if continuations > MAX_CONTINUATIONS:
                     raise HerderClientError(
                         f"{cmd.method} {cmd.path}: more than {MAX_CONTINUATIONS} continuations"
                     )
-                cmd = self._continuation(_json_body(response), cmd)
-                state.request = f"{cmd.method} {cmd.path}"
-                state.add_alternates(_alternates_of(_json_body(response)), server, front=True)
-                state.priority = False
-                state.to_try.extend(state.tried)
-                state.tried = []
-                if server not in state.to_try:
-                    state.to_try.append(server)
+                try:
+                    cont, content, ctype = _next_request(server, deferral, on_continuation)
+                except ValueError as exc:
+                    raise HerderClientError(f"{cmd.method} {cmd.path}: {exc}") from None
+                headers = {"content-type": ctype} if ctype else {}
+                # seeds/004: the second transaction is idempotent by construction.
+                cmd = _Command(
+                    cont.method, _api_path(cont.path), content, headers, cont.params, True
+                )
+                state.continuation(cont, f"{cmd.method} {cmd.path}")
                 retried_same.clear()
                 continue
-            return response
+            if self._preferred == server:
+                self._preferred = None
+            if deferral.kind == BUSY:
+                self._record_failure(server, "busy", state.request)
+                state.busy(server, deferral)
+            else:
+                # No-service: not a failure of the master, and not asked again for
+                # this command (seeds/004 puts only busy servers on servers-tried).
+                state.no_service(server, deferral)
+
+    def _wait_with_priority(self, cmd: _Command, state: LoopState, busy: list[str]) -> bool:
+        """Every master is busy: ask the caller whether to wait with priority (seeds/004)."""
+        hook = self._on_all_busy
+        if hook is None:
+            return True
+        return hook(
+            BusyRound(
+                cmd.method,
+                cmd.path,
+                tuple(busy),
+                tuple(state.attempts),
+                state.retry_after,
+                during_outage=self._outage is not None and self._outage.in_outage,
+            )
+        )
 
     def _note(
         self,
-        state: _LoopState,
+        state: LoopState,
         server: str,
         kind: str,
         exc: BaseException,
         *,
-        dead: bool,
         record: bool = True,
     ) -> None:
-        state.attempts.append(
-            AttemptRecord(server, kind, f"{type(exc).__name__}: {exc}", state.priority)
+        """The server cannot be contacted: it goes on dead-servers."""
+        state.dead_server(
+            server, AttemptRecord(server, kind, f"{type(exc).__name__}: {exc}", state.priority)
         )
-        if dead and server not in state.dead:
-            state.dead.append(server)
         if record:
             self._record_failure(server, kind, state.request)
         if self._preferred == server:
             self._preferred = None
-
-    @staticmethod
-    def _continuation(body: Any, previous: _Command) -> _Command:
-        cont = body.get("continuation") if isinstance(body, dict) else None
-        if not isinstance(cont, dict) or not isinstance(cont.get("path"), str):
-            raise HerderClientError(
-                f"{previous.method} {previous.path}: malformed continuation deferral: {body!r}"
-            )
-        method = cont.get("method", "GET")
-        if not isinstance(method, str):
-            raise HerderClientError(f"malformed continuation method {method!r}")
-        content: bytes | None = None
-        headers: Mapping[str, str] = {}
-        if cont.get("body") is not None:
-            content = _json_bytes(cont["body"])
-            headers = _JSON_HEADERS
-        params = cont.get("params")
-        return _Command(
-            method=method.upper(),
-            path=_api_path(cont["path"]),
-            content=content,
-            headers=headers,
-            params=params if isinstance(params, dict) else None,
-            # seeds/004: the second transaction must be idempotent.
-            idempotent=True,
-        )
 
     def _call(
         self,

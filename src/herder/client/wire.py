@@ -31,7 +31,10 @@ def normalize_master_url(url: str) -> str:
     url = url.rstrip("/")
     if url.endswith(API_PREFIX):
         url = url[: -len(API_PREFIX)].rstrip("/")
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:  # not a ValueError: callers expect one
+        raise ValueError(f"master URL {url!r} is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"master URL {url!r} is not an http(s) URL with a host")
     return url

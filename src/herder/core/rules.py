@@ -33,6 +33,20 @@ Rules:
   agent lost it); an attempt the agent lists that the database does not
   assign to it (or with the wrong token) is returned to be killed on the agent. Offers not yet
   acknowledged are left to the ack deadline.
+- **Memory-aware retry** (issue 13, as OpenCue does): an attempt killed for
+  exceeding its task's ``ram_mb`` (the agent's RSS watch) or by the kernel's
+  OOM killer (``FailureKind.MEMORY``) requeues the task with ``ram_mb``
+  multiplied by ``RamRetryPolicy.factor`` (default 1.5; a task with no limit
+  starts from the peak RSS the agent saw), rounded up, at most the
+  ceiling: ``RamRetryPolicy.ceiling_mb`` (default 64 GiB), lowered to the
+  largest RAM any registered agent reports, so a raised task still fits some
+  machine. Memory failures have **their own budget**, not ``max_attempts``:
+  the command did nothing wrong but ask for too little, and the growth is
+  bounded by the ceiling and by ``RamRetryPolicy.max_raises`` (default 10).
+  A task already at the ceiling, out of raises, or whose need is unknown (no
+  limit and no peak seen) fails for good with the reason. Memory failures
+  neither avoid the agent nor strike it for the blocklist: the agent is not
+  at fault.
 - **Master directory** (seeds/000, seeds/001): every master heartbeats its
   row every ``DEFAULT_MASTER_HEARTBEAT_S``; the directory lists a master only
   while it is up: not stopped, heartbeat younger than its timeout (3
@@ -65,6 +79,7 @@ class FailureKind(StrEnum):
     LOST = "lost"  # lease expired, or the agent's heartbeat no longer lists it (infrastructure)
     RELEASED = "released"  # the agent handed it back (shutdown, drain): no budget
     UNACKED = "unacked"  # the offer was never acknowledged: the command never started
+    MEMORY = "memory"  # killed for exceeding its RAM (the agent's watch, or the kernel's OOM kill)
 
 
 INFRA_KINDS: frozenset[FailureKind] = frozenset({FailureKind.LAUNCH, FailureKind.LOST})
@@ -138,6 +153,81 @@ def retry_decision(
         avoid_agent=False,
         blocklist_strike=False,
     )
+
+
+# ----------------------------------------------------------- memory retry
+
+DEFAULT_RAM_RETRY_FACTOR = 1.5
+DEFAULT_RAM_RETRY_CEILING_MB = 64 * 1024
+DEFAULT_RAM_RETRY_MAX_RAISES = 10
+
+
+@dataclass(frozen=True)
+class RamRetryPolicy:
+    """How a task that ran out of memory is retried (``ram_retry_decision``)."""
+
+    factor: float = DEFAULT_RAM_RETRY_FACTOR
+    ceiling_mb: int = DEFAULT_RAM_RETRY_CEILING_MB
+    max_raises: int = DEFAULT_RAM_RETRY_MAX_RAISES
+
+    def __post_init__(self) -> None:
+        # Below 1.1 a task would creep up in tiny steps, one killed attempt each.
+        if not 1.1 <= self.factor <= 10:
+            raise ValueError(f"RAM retry factor must be between 1.1 and 10, not {self.factor:g}")
+        if self.ceiling_mb < 1:
+            raise ValueError("RAM retry ceiling must be at least 1 MB")
+        if self.max_raises < 0:
+            raise ValueError("RAM retry max_raises must not be negative")
+
+
+@dataclass(frozen=True)
+class RamRetry:
+    """What a memory failure does to its task."""
+
+    retry: bool  # requeued with ``ram_mb`` (False: the task fails for good)
+    ram_mb: int  # the task's ram_mb from now on (unchanged when it fails)
+    memory_failures: int  # the task's memory-failure count after this attempt
+    reason: str  # for the event and the task's error
+
+
+def ram_retry_decision(
+    ram_mb: int,
+    peak_mb: int | None,
+    *,
+    memory_failures: int,
+    largest_agent_mb: int | None = None,
+    policy: RamRetryPolicy = RamRetryPolicy(),
+) -> RamRetry:
+    """Raise the task's RAM after a memory failure, or fail it (the rule in the module doc).
+
+    ``ram_mb`` is the task's limit (0: none), ``peak_mb`` the highest RSS the
+    agent saw (None: not sampled), ``largest_agent_mb`` the most RAM a
+    registered agent reports (None or 0: unknown, the ceiling alone applies).
+    """
+    ceiling = policy.ceiling_mb
+    if largest_agent_mb:
+        ceiling = min(ceiling, largest_agent_mb)
+    what = f"exceeded {ram_mb} MB" if ram_mb > 0 else "ran out of memory"
+    if peak_mb is not None:
+        what += f" (peak {peak_mb} MB)"
+    after = memory_failures + 1
+
+    def fail(why: str) -> RamRetry:
+        return RamRetry(False, ram_mb, after, f"{what}: {why}")
+
+    # The limit, not the peak: the watch kills at the first sample past the limit,
+    # so the peak says when it was caught, not what the task needs.
+    basis = ram_mb if ram_mb > 0 else (peak_mb or 0)
+    if basis <= 0:
+        return fail("no RAM limit and no peak known, so no larger limit to retry with")
+    if ram_mb >= ceiling:
+        return fail(f"already at the RAM retry ceiling of {ceiling} MB, not retrying")
+    if memory_failures >= policy.max_raises:
+        return fail(f"RAM raised {memory_failures} times already, not retrying")
+    # Whole megabytes, rounded up: 100 MB x 1.5 is 150 MB, 101 MB x 1.5 is 152 MB.
+    raised = min(-(-int(basis * policy.factor * 1000) // 1000), ceiling)
+    raised = max(raised, ram_mb + 1)
+    return RamRetry(True, raised, after, f"{what}: retrying with {raised} MB")
 
 
 # ----------------------------------------------------------------- placement

@@ -18,6 +18,7 @@ class TaskState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    REJECTED = "rejected"  # its pool's ACL forbids its job's owner (seeds/002): never run
 
 
 class TaskEvent(StrEnum):
@@ -30,14 +31,17 @@ class TaskEvent(StrEnum):
     SUCCEED = "succeed"  # command exited 0
     FAIL_RETRY = "fail_retry"  # command failed, attempts left
     FAIL = "fail"  # command failed, no attempts left
+    RAM_RAISED = "ram_raised"  # killed for exceeding its RAM: queued again with more (rules)
     RELEASE = "release"  # the agent handed the task back (shutdown, launch failure)
     CANCEL = "cancel"  # the user or a failed stage cancelled it
+    REJECT = "reject"  # the claim found its pool's ACL forbids its owner (herder.store.acl)
     PREEMPT = "preempt"  # a pause --kill stopped it: queued again, no failure counted
     RETRY = "retry"  # the user retried its job: queued again with a fresh budget
     RETRY_BLOCKED = "retry_blocked"  # the same, in a stage still waiting for its previous one
 
 
 class JobState(StrEnum):
+    WAITING = "waiting"  # held until every job it depends on succeeded (herder.store.deps)
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
@@ -54,6 +58,8 @@ class JobEvent(StrEnum):
     FAIL = "fail"
     CANCEL = "cancel"
     RETRY = "retry"  # the user retried a failed or cancelled job's tasks
+    RELEASE = "release"  # the last job it depends on succeeded: it may start
+    UPDATE = "update"  # the user changed a live job (PATCH): its state stays
 
 
 class IllegalTransition(Exception):
@@ -85,21 +91,28 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (_T.RUNNING, _E.FAIL_RETRY): _T.QUEUED,
     (_T.OFFERED, _E.FAIL): _T.FAILED,
     (_T.RUNNING, _E.FAIL): _T.FAILED,
+    (_T.OFFERED, _E.RAM_RAISED): _T.QUEUED,
+    (_T.RUNNING, _E.RAM_RAISED): _T.QUEUED,
     (_T.OFFERED, _E.RELEASE): _T.QUEUED,
     (_T.RUNNING, _E.RELEASE): _T.QUEUED,
     (_T.BLOCKED, _E.CANCEL): _T.CANCELLED,
     (_T.QUEUED, _E.CANCEL): _T.CANCELLED,
+    (_T.QUEUED, _E.REJECT): _T.REJECTED,  # checked before offering: never offered
     (_T.OFFERED, _E.CANCEL): _T.CANCELLED,
     (_T.RUNNING, _E.CANCEL): _T.CANCELLED,
     (_T.OFFERED, _E.PREEMPT): _T.QUEUED,
     (_T.RUNNING, _E.PREEMPT): _T.QUEUED,
     (_T.FAILED, _E.RETRY): _T.QUEUED,
     (_T.CANCELLED, _E.RETRY): _T.QUEUED,
+    (_T.REJECTED, _E.RETRY): _T.QUEUED,  # the ACL was changed back; the retry is checked too
     (_T.FAILED, _E.RETRY_BLOCKED): _T.BLOCKED,
     (_T.CANCELLED, _E.RETRY_BLOCKED): _T.BLOCKED,
+    (_T.REJECTED, _E.RETRY_BLOCKED): _T.BLOCKED,
 }
 
-TASK_TERMINAL: frozenset[TaskState] = frozenset({_T.SUCCEEDED, _T.FAILED, _T.CANCELLED})
+TASK_TERMINAL: frozenset[TaskState] = frozenset(
+    {_T.SUCCEEDED, _T.FAILED, _T.CANCELLED, _T.REJECTED}
+)
 TASK_ACTIVE: frozenset[TaskState] = frozenset({_T.OFFERED, _T.RUNNING})
 
 
@@ -131,6 +144,11 @@ _J = JobState
 _JE = JobEvent
 
 JOB_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
+    # A job with parents (depends_on) waits for them: released when the last
+    # one succeeds, failed (per its on_parent_failure) when one fails.
+    (_J.WAITING, _JE.RELEASE): _J.QUEUED,
+    (_J.WAITING, _JE.FAIL): _J.FAILED,
+    (_J.WAITING, _JE.CANCEL): _J.CANCELLED,
     (_J.QUEUED, _JE.START): _J.RUNNING,
     (_J.QUEUED, _JE.PAUSE): _J.PAUSED,
     (_J.RUNNING, _JE.PAUSE): _J.PAUSED,
@@ -148,6 +166,12 @@ JOB_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (_J.PAUSED, _JE.CANCEL): _J.CANCELLED,
     (_J.FAILED, _JE.RETRY): _J.RUNNING,
     (_J.CANCELLED, _JE.RETRY): _J.RUNNING,
+    # A change (PATCH: priority, tags, resources, max attempts) keeps the state;
+    # a waiting job's tasks are all blocked, so it changes like a queued one.
+    (_J.WAITING, _JE.UPDATE): _J.WAITING,
+    (_J.QUEUED, _JE.UPDATE): _J.QUEUED,
+    (_J.RUNNING, _JE.UPDATE): _J.RUNNING,
+    (_J.PAUSED, _JE.UPDATE): _J.PAUSED,
 }
 
 JOB_TERMINAL: frozenset[JobState] = frozenset({_J.SUCCEEDED, _J.FAILED, _J.CANCELLED})

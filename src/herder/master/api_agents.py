@@ -12,6 +12,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from herder.api_auth import AgentRegistered
 from herder.api_models import (
     AckRequest,
     AgentList,
@@ -26,6 +27,7 @@ from herder.api_models import (
     LogAppend,
 )
 from herder.errors import InvalidRequest
+from herder.master import auth
 from herder.master.context import (
     ERRORS,
     ApiContext,
@@ -44,15 +46,20 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.post(
         "/api/v1/agents",
-        response_model=AgentView,
+        response_model=AgentRegistered,
         status_code=201,
         responses=ERRORS,
         openapi_extra=body_doc(AgentRegister),
     )
     async def register_agent(request: Request) -> Response:
+        """Register an agent (200 again under its id). With a join token the answer
+        carries the new agent's own token; an agent token registers itself only."""
         body = await parse_body(request, AgentRegister)
+        who, authz = auth.principal_of(request), request.app.state.authorizer
+        body = await authz.register_checked(who, body)
         agent, created = await ctx.call(store.register_agent, body)
-        return json_response(agent, 201 if created else 200)
+        token = await authz.agent_token(who, agent.id)
+        return json_response(auth.registered(agent, token), 201 if created else 200)
 
     @app.get("/api/v1/agents", response_model=AgentList, responses=ERRORS)
     async def list_agents() -> Response:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
 from herder.api_control import JobPause, JobUpdate
+from herder.api_inputs import JobHeld
 from herder.api_limits import INT64_MAX
 from herder.api_models import (
     BlobMissing,
@@ -23,13 +24,13 @@ from herder.api_models import (
     JobSubmit,
     JobSubmitted,
     JobView,
-    LogView,
     OutputFile,
     TaskResultView,
     TaskView,
     encode_inline,
 )
 from herder.errors import DigestMismatch
+from herder.master.auth import bind_owner, principal_of
 from herder.master.context import (
     ERRORS,
     AfterQuery,
@@ -41,9 +42,16 @@ from herder.master.context import (
     parse_body,
     validation_error,
 )
-from herder.records import FollowPage
+from herder.master.deferrals import UploadContinuation, upload_continuation
+from herder.master.deferrals import handoff as handoff_read
+from herder.records import FollowPage, Submitted
 from herder.store.control import JobChanges
 
+# Long reads a read-write master hands to read-only masters (herder.master.deferrals).
+HandoffQuery = Annotated[
+    bool, Query(description="false: serve it here (the continuation of a handed-off read)")
+]
+HANDOFF_LOG_BYTES = 1 << 20
 DigestPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
 FOLLOW_WAIT_MAX_S = 60.0
 
@@ -86,11 +94,36 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     store = service.store
     cfg = ctx.cfg
 
+    def _released(job_ids: object) -> None:
+        # An upload released jobs held for their inputs: wake parked claims now.
+        service.work_arrived()
+        service.changed.notify()
+
+    if hasattr(store, "add_release_listener"):
+        store.add_release_listener(_released)
+
+    def _submit_held(spec: JobSubmit) -> tuple[Submitted, list[str]]:
+        sub = service.submit(spec, hold_inputs=True)
+        return sub, store.missing_inputs(sub.id)
+
     @app.post(
         "/api/v1/jobs",
         response_model=JobView,
         status_code=201,
-        responses={**ERRORS, 200: {"model": JobSubmitted}},
+        responses={
+            **ERRORS,
+            200: {
+                "model": JobSubmitted,
+                "description": "the idempotency key is known: the same job (a JobView, a "
+                "JobSubmitted with view=ids, or with inputs=later an UploadContinuation "
+                "while it still misses inputs)",
+            },
+            202: {
+                "model": UploadContinuation,
+                "description": "inputs=later and inputs are missing: the job is created "
+                "waiting; a continuation (`Herder-Continuation: 1`) to upload them",
+            },
+        },
         openapi_extra=body_doc(JobSubmit),
     )
     async def submit_job(
@@ -99,9 +132,24 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
             Literal["full", "ids"],
             Query(description="ids: answer a JobSubmitted (no task views) instead of a JobView"),
         ] = "full",
+        inputs: Annotated[
+            Literal["now", "later"],
+            Query(
+                description="later: required blobs not stored yet hold the job (waiting) "
+                "until they are uploaded; the answer is then a continuation naming them "
+                "(202, `Herder-Continuation: 1`). now: the job is queued as it is"
+            ),
+        ] = "now",
     ) -> Response:
-        """Submit a job; 201 new, 200 when its idempotency key is known (the same job)."""
+        """Submit a job; 201 new, 200 when its idempotency key is known (the same job).
+
+        With `inputs=later` a job whose inputs are not all stored is created
+        waiting and answered with a continuation: upload each missing blob
+        (`PUT /api/v1/blobs/{digest}`) to a read-write master; the last one
+        releases the job. Sent again with its idempotency key, it answers
+        what is still missing."""
         spec = await parse_body(request, JobSubmit)
+        spec = bind_owner(spec, principal_of(request))  # the owner is who is authenticated
         tasks = sum(len(stage.tasks) for stage in spec.stages)
         if tasks > cfg.max_tasks_per_job:
             raise validation_error(
@@ -113,6 +161,28 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
                     }
                 ]
             )
+        if inputs == "later":
+            sub, missing = await ctx.call(_submit_held, spec)
+            if missing:
+                held = JobHeld(
+                    id=sub.id,
+                    href=f"/api/v1/jobs/{sub.id}",
+                    created=sub.created,
+                    state="waiting",
+                    missing=missing,
+                    task_ids=sub.task_ids,
+                )
+                return upload_continuation(ctx.state, held, 202 if sub.created else 200)
+            status = 201 if sub.created else 200
+            if view == "ids":
+                out = JobSubmitted(
+                    id=sub.id,
+                    href=f"/api/v1/jobs/{sub.id}",
+                    created=sub.created,
+                    task_ids=sub.task_ids,
+                )
+                return json_response(out, status)
+            return json_response(await ctx.call(store.get_job, sub.id), status)
         if view == "ids":
             sub = await ctx.call(service.submit, spec)
             out = JobSubmitted(
@@ -124,7 +194,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.get("/api/v1/jobs", response_model=JobList, responses=ERRORS)
     async def list_jobs(
-        state: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+        state: Literal["waiting", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
         | None = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> Response:
@@ -168,7 +238,8 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.patch("/api/v1/jobs/{job_id}", response_model=JobView, responses=control_errors)
     async def update_job(job_id: IdPath, body: JobUpdate) -> Response:
-        """Change a queued, running or paused job (422 naming a bad field, nothing changed).
+        """Change a waiting, queued, running or paused job (422 naming a bad field, nothing
+        changed).
 
         priority, tags, cpus and ram_mb apply to its tasks not started yet,
         max_attempts to every task of it not finished. 409 for a finished job.
@@ -233,13 +304,38 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     async def get_task(task_id: IdPath) -> Response:
         return json_response(await ctx.call(store.get_task, task_id))
 
-    @app.get("/api/v1/attempts/{attempt_id}/log", response_model=LogView, responses=ERRORS)
+    @app.get(
+        "/api/v1/attempts/{attempt_id}/log",
+        responses={
+            **ERRORS,
+            200: {
+                "description": "the window, or (handed off) a continuation "
+                "(`Herder-Continuation: 1`, a ContinuationBody)",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": "#/components/schemas/LogView"},
+                                {"$ref": "#/components/schemas/ContinuationBody"},
+                            ]
+                        }
+                    }
+                },
+            },
+        },
+    )
     async def read_log(
+        request: Request,
         attempt_id: IdPath,
         stream: Literal["stdout", "stderr"] = "stdout",
         offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
         limit: Annotated[int, Query(ge=1, le=16 << 20)] = 1 << 20,
+        handoff: HandoffQuery = True,
     ) -> Response:
+        """A window of a log. A read-write master hands a window of ``HANDOFF_LOG_BYTES``
+        or more to a read-only master (a continuation), when it knows one."""
+        if handoff and limit >= HANDOFF_LOG_BYTES and (moved := handoff_read(ctx.state, request)):
+            return moved
         return json_response(await ctx.call(store.read_log, attempt_id, stream, offset, limit))
 
     # ----------------------------------------------------------------- blobs
@@ -285,8 +381,26 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.get(
         "/api/v1/blobs/{digest}",
-        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+        responses={
+            **ERRORS,
+            200: {
+                "description": "the bytes, or (handed off) a continuation "
+                "(`Herder-Continuation: 1`, a ContinuationBody)",
+                "content": {
+                    "application/octet-stream": {},
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/ContinuationBody"}
+                    },
+                },
+            },
+        },
     )
-    async def get_blob(digest: DigestPath) -> Response:
+    async def get_blob(
+        digest: DigestPath, request: Request, handoff: HandoffQuery = True
+    ) -> Response:
+        """A blob's bytes. A read-write master hands the download to a read-only master
+        (a continuation naming the same request with ``handoff=0``), when it knows one."""
+        if handoff and (moved := handoff_read(ctx.state, request)):
+            return moved
         data = await ctx.call(store.get_blob, digest)
         return Response(data, media_type="application/octet-stream")

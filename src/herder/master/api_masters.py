@@ -16,6 +16,7 @@ from herder.api_models import (
     MasterList,
     MasterView,
 )
+from herder.master.admission import prometheus as admission_metrics
 from herder.master.context import (
     ERRORS,
     ApiContext,
@@ -38,7 +39,11 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(stats.prometheus(), media_type="text/plain; version=0.0.4")
+        text = stats.prometheus()
+        queue = getattr(ctx.state, "admission", None)
+        if queue is not None:  # the admission queue (herder.master.admission)
+            text += admission_metrics(queue)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # -------------------------------------------------------------- masters
     # Routes with a trailing segment come first: {master_id:path} takes a

@@ -10,6 +10,7 @@ the embedded farm of ``herder run`` runs too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -29,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 
 from herder import __version__
+from herder.api_acl import PoolAclSet
 from herder.api_models import (
     AckRequest,
     AgentRegister,
@@ -39,11 +41,19 @@ from herder.api_models import (
     Heartbeat,
     JobSubmit,
     LogAppend,
+    LogView,
     MasterFailureReport,
 )
 from herder.core.rules import master_timeout_s
 from herder.errors import DatabaseError, HerderError
-from herder.master import api_agents, api_jobs, api_masters
+from herder.master import api_agents, api_jobs, api_masters, api_pools, api_sched, auth, readonly
+from herder.master.admission import (
+    AdmissionConfig,
+    AdmissionMiddleware,
+    AdmissionQueue,
+    Busy,
+    busy_handler,
+)
 from herder.master.cancels import CancelSender
 from herder.master.context import (
     ApiContext,
@@ -54,6 +64,7 @@ from herder.master.context import (
     validation_error,
 )
 from herder.master.dbhealth import DRIVER_ERRORS, LoopFailures
+from herder.master.deferrals import BusyBody, ContinuationBody, DirectoryCache, refresh_forever
 from herder.master.limits import BodyLimitMiddleware
 from herder.master.metrics import MasterStats, StatsMiddleware
 from herder.master.service import MasterService
@@ -77,6 +88,11 @@ _SELF_PARSED = (
     JobSubmit,
     LogAppend,
     MasterFailureReport,
+    readonly.MasterRegistration,
+    ContinuationBody,  # deferral bodies (herder.master.deferrals)
+    BusyBody,
+    LogView,  # GET /attempts/{id}/log: a LogView or a continuation
+    PoolAclSet,
 )
 
 __all__ = ["MasterConfig", "create_app", "default_master_id"]
@@ -86,6 +102,12 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     cfg = config or MasterConfig()
     url = cfg.url or f"http://{socket.gethostname()}:6240"
     stats = MasterStats(master_id=cfg.master_id, url=url)
+    read_only = cfg.role == "read-only"
+    # Alternates of deferrals (herder.master.deferrals), and the admission queue.
+    directory = DirectoryCache(url)
+    admission = AdmissionQueue(
+        AdmissionConfig(cfg.admission_workers, cfg.admission_depth, cfg.write_wait_s)
+    )
     waker: Waker | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -207,11 +229,54 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _read_directory() -> Any:
+        return await call(store.list_masters, True)
+
+    registrar = (
+        readonly.Registrar(_status, directory, cfg.register_via, cfg.register_token)
+        if read_only
+        else None
+    )
+
+    async def _stop_loops(tasks: list[asyncio.Task[Any]]) -> None:
+        """The lifespan's loops, then what they drive (talkback senders, the service)."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert waker is not None
+        await waker.close()
+        await canceller.close()
+        service.close()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal loop
         loop = asyncio.get_running_loop()
         canceller.bind(loop)
+        if registrar is not None:
+            # A read-only master writes nothing: no recovery, no maintenance, and
+            # its directory row goes through a read-write master (herder.master.readonly).
+            with contextlib.suppress(Exception):
+                directory.update_from_views(await _read_directory())
+            log.info(
+                "event=master_started read_only=1 dialect=%s master=%s",
+                store.dialect,
+                cfg.master_id,
+            )
+            await registrar.send(starting=True)
+            tasks = [
+                asyncio.create_task(ticker()),
+                asyncio.create_task(registrar.run(cfg.heartbeat_interval_s)),
+                asyncio.create_task(
+                    refresh_forever(directory, _read_directory, cfg.heartbeat_interval_s)
+                ),
+            ]
+            try:
+                yield
+            finally:
+                await _stop_loops(tasks)
+                await registrar.close()
+            return
         # Recovery on start (seeds/002): requeue unacknowledged offers and
         # expired leases before serving any claim (uvicorn accepts no request
         # before the lifespan's startup is done). This reap does not wait for
@@ -234,17 +299,14 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             asyncio.create_task(reaper()),
             asyncio.create_task(ticker()),
             asyncio.create_task(directory_heartbeat()),
+            asyncio.create_task(
+                refresh_forever(directory, _read_directory, cfg.heartbeat_interval_s)
+            ),
         ]
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            assert waker is not None
-            await waker.close()
-            await canceller.close()
-            service.close()
+            await _stop_loops(tasks)
             try:  # hand maintenance over at once instead of after the TTL
                 await call(store.release_lock, cfg.master_id)
             except Exception:
@@ -270,16 +332,25 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     app.state.maintenance = False
     app.state.master_id = cfg.master_id
     app.state.url = url
+    app.state.role = cfg.role
+    app.state.directory = directory
+    app.state.admission = admission
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=cfg.max_body_bytes,
         max_blob_bytes=cfg.max_blob_bytes,
     )
+    # Outside the body limit: a busy master defers before it reads a body; a
+    # read-only master refuses writes before they queue.
+    app.add_middleware(AdmissionMiddleware, queue=admission, directory=directory)
+    if read_only:
+        app.add_middleware(readonly.ReadOnlyMiddleware, directory=directory)
     # Counting is the outermost layer: the 500 of an unhandled exception is
     # sent by Starlette's ServerErrorMiddleware, outside every added middleware.
     build_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: StatsMiddleware(build_stack(), stats)  # type: ignore[method-assign]
-    ctx = ApiContext(service, stats, cfg, app.state)
+    ctx = ApiContext(service, stats, cfg, app.state, admission)
+    app.add_exception_handler(Busy, busy_handler(directory))
 
     # ---------------------------------------------------------------- errors
 
@@ -290,6 +361,9 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
     @app.exception_handler(DatabaseError)
     async def _database_error(request: Request, exc: DatabaseError) -> JSONResponse:
         # Logged once per outage by the health tracker (ApiContext.call), not per request.
+        if exc.status == 503:  # a busy deferral: with alternates, like the admission's
+            write = request.method not in ("GET", "HEAD", "OPTIONS")
+            return database_error_response(exc, alternates=directory.alternates(write=write))
         return database_error_response(exc)
 
     async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
@@ -361,9 +435,14 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             )
         return JSONResponse({"status": "ok", "database": "up", "version": __version__})
 
+    # Before the routes: its dependency joins every route registered after it.
+    auth.install(app, ctx, cfg.auth)
     api_masters.register(app, ctx)
     api_jobs.register(app, ctx)
     api_agents.register(app, ctx)
+    api_sched.register(app, ctx)
+    api_pools.register(app, ctx)
+    readonly.register_routes(app, ctx)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -380,6 +459,7 @@ def create_app(store: Store, config: MasterConfig | None = None) -> FastAPI:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, body in defs.get("$defs", {}).items():
                 components.setdefault(name, body)
+            auth.document(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 
 from herder.store.stops import CancelledAttempt
+from herder.tlsconf import TlsWarnings, client_verify
 
 log = logging.getLogger("herder.master.cancels")
 
@@ -35,6 +37,9 @@ class CancelConfig:
     timeout_s: float = 0.5  # per POST: connect + answer
     max_in_flight: int = 50  # POSTs at once, over every batch
     max_pending: int = 10_000  # cancels queued beyond that are left to the heartbeats
+    # https:// talkback endpoints are verified with this (herder.tlsconf.client_verify):
+    # True is the master's --ca ($HERDER_CA), else the system trust store.
+    verify: bool | str | ssl.SSLContext = True
 
 
 class CancelSender:
@@ -56,6 +61,7 @@ class CancelSender:
         self.sent = 0
         self.failed = 0
         self.skipped = 0  # no talkback endpoint, or too many pending: the heartbeat tells them
+        self._tls = TlsWarnings(log, "talkback_cancel_tls_failed")
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -102,6 +108,7 @@ class CancelSender:
                 trust_env=False,
                 follow_redirects=False,
                 limits=httpx.Limits(max_connections=self.config.max_in_flight),
+                verify=client_verify(self.config.verify),
             )
         assert item.talkback_url is not None
         url = item.talkback_url.rstrip("/") + CANCEL_PATH
@@ -112,6 +119,8 @@ class CancelSender:
             r = await self._client.post(url, headers=headers, json=body)
         except (httpx.HTTPError, OSError) as exc:
             self.failed += 1
+            if self._tls.warn(url, exc, agent=item.agent_id):
+                return False
             log.debug(
                 "event=talkback_cancel_failed agent=%s attempt=%d url=%s error=%r",
                 item.agent_id,

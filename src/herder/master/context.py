@@ -39,6 +39,8 @@ from herder.errors import (
     DatabaseUnavailable,
     HerderError,
 )
+from herder.master.admission import AdmissionQueue, current_ticket
+from herder.master.deferrals import NoServiceBody
 from herder.master.metrics import MasterStats
 from herder.master.service import MasterService
 from herder.master.wake import WakeConfig
@@ -60,9 +62,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     413: {"model": ErrorBody, "description": "the request body is larger than the master takes"},
+    421: {"model": NoServiceBody, "description": "no-service deferral: a read-only master"},
     422: {"model": ErrorBody},
     500: {"model": ErrorBody, "description": "a bug: see the master's log"},
-    503: {"model": ErrorBody, "description": "busy deferral (database unavailable or busy)"},
+    503: {
+        "model": ErrorBody,
+        "description": "busy deferral (admission queue full, database unavailable or busy)",
+    },
     504: {"model": ErrorBody, "description": "the commit's outcome is unknown: retry"},
     507: {"model": ErrorBody, "description": "the database's disk is full"},
 }
@@ -108,6 +114,26 @@ class MasterConfig:
     # This is what bounds a request when the database hangs (a partition
     # holds its connections open) instead of refusing.
     db_timeout_s: float = 30.0
+    # The admission queue (herder.master.admission): store calls served at
+    # once, calls that may wait before requests without priority are answered
+    # busy, and how long a write may wait for a worker before it is.
+    admission_workers: int = 32
+    admission_depth: int = 512
+    write_wait_s: float = 10.0
+    # A read-only master (herder.master.readonly): read-write masters to send
+    # its directory row through, besides those its replicated directory lists.
+    register_via: list[str] = field(default_factory=list)
+    # ... and the token it sends them (an admin's: `PUT /masters/{id}` is admin-only).
+    register_token: str | None = None
+    # Secure by default (issue 11, herder.master.auth): every request but the
+    # public ones needs a token. False only by `--insecure-no-auth` or
+    # HERDER_INSECURE_NO_AUTH=1 (the test suite sets it for tests not about auth).
+    auth: bool = field(default_factory=lambda: not insecure_from_env())
+
+
+def insecure_from_env() -> bool:
+    """HERDER_INSECURE_NO_AUTH=1 (or true/yes): as `herder master --insecure-no-auth`."""
+    return os.environ.get("HERDER_INSECURE_NO_AUTH", "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -116,6 +142,8 @@ class ApiContext:
     stats: MasterStats
     cfg: MasterConfig
     state: Any  # the app's state (stopping flag)
+    # The admission queue the calls of requests wait in (None: background loops).
+    gate: AdmissionQueue | None = None
 
     @property
     def store(self) -> Any:
@@ -128,8 +156,16 @@ class ApiContext:
         ``stats.health`` and re-raised for the error handlers. A call that
         outlives the timeout is answered as busy and will not commit
         afterwards (``CallGuard``); one caught sending its COMMIT is waited
-        for once more, then answered as of unknown outcome.
+        for once more, then answered as of unknown outcome. With a ``gate``,
+        the call first waits for a worker slot of the admission queue (and may
+        be answered busy there: ``herder.master.admission.Busy``).
         """
+        if self.gate is not None:
+            async with self.gate.slot(current_ticket.get()):
+                return await self._call(fn, *args, **kwargs)
+        return await self._call(fn, *args, **kwargs)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = _GuardedCall(functools.partial(fn, *args, **kwargs))
         timeout = self.cfg.db_timeout_s
         try:
@@ -274,7 +310,7 @@ def validation_error(errors: Iterable[Any], loc_prefix: tuple[str, ...] = ()) ->
     detail = [
         {
             "loc": [str(p) for p in (*loc_prefix, *e.get("loc", ()))],
-            "message": str(e.get("msg", "")),
+            "message": str(e.get("msg", "")).removeprefix("Value error, "),  # pydantic's prefix
             "type": str(e.get("type", "")),
         }
         for e in errors

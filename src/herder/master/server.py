@@ -42,13 +42,13 @@ _LIMIT_ENV: dict[str, str] = {
 }
 
 
-def default_advertise_url(host: str, port: int) -> str:
+def default_advertise_url(host: str, port: int, scheme: str = "http") -> str:
     """``http://<listen host>:<port>`` (IPv6 bracketed); this machine's name for a wildcard host."""
     if host in ("", "0.0.0.0", "::"):
         host = socket.getfqdn() or socket.gethostname()
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def normalize_advertise_url(url: str) -> str:
@@ -101,18 +101,38 @@ def serve(
     config: MasterConfig | None = None,
     access_log: bool = False,
     advertise_url: str | None = None,
+    read_only: bool = False,
+    admission_workers: int | None = None,
+    admission_depth: int | None = None,
+    write_wait_s: float | None = None,
+    register_via: list[str] | None = None,
+    register_token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
+    from herder.tlsconf import TlsConfigError, check_pair, server_context
+
     try:
-        store = Store.open(
-            db_url,
-            migrate=True,
-            lease_s=lease_s,
-            ack_timeout_s=ack_timeout_s,
-            **store_options_from_env(),
-        )
+        # Checked before the database is opened: a bad file is one line, not a traceback.
+        if check_pair(tls_cert, tls_key):
+            assert tls_cert is not None and tls_key is not None
+            server_context(tls_cert, tls_key)
+    except TlsConfigError as exc:
+        raise SystemExit(f"herder master: {exc}") from None
+    options = dict(lease_s=lease_s, ack_timeout_s=ack_timeout_s, **store_options_from_env())
+    try:
+        if read_only:  # a hot standby: never migrated, never written (herder.master.readonly)
+            from herder.master.readonly import open_read_only_store
+
+            store = open_read_only_store(db_url, **options)
+        else:
+            store = Store.open(db_url, migrate=True, **options)
     except DatabaseError as exc:  # a clear message and exit status 1, not a traceback
         log.error("event=master_start_failed error=%r", exc.message)
         raise SystemExit(f"herder master: {exc.message}") from None
+    except RuntimeError as exc:  # ReadOnlyStoreError: the standby cannot serve this version
+        log.error("event=master_start_failed error=%r", str(exc))
+        raise SystemExit(f"herder master --read-only: {exc}") from None
     if config is None:
         config = MasterConfig()
         # Stable across restarts on the same address: a master restarted after
@@ -135,10 +155,23 @@ def serve(
                     f"{'integer' if env in _LIMIT_ENV else 'number'}"
                 ) from None
             setattr(config, attr, value)
+    if read_only:
+        config.role = "read-only"
+    # The admission queue and read-only registration (`herder master` flags).
+    if admission_workers is not None:
+        config.admission_workers = admission_workers
+    if admission_depth is not None:
+        config.admission_depth = admission_depth
+    if write_wait_s is not None:
+        config.write_wait_s = write_wait_s
+    if register_via:
+        config.register_via = [normalize_advertise_url(u) for u in register_via]
+    if register_token:
+        config.register_token = register_token
     if advertise_url:
         config.url = normalize_advertise_url(advertise_url)
     elif config.url is None:
-        config.url = default_advertise_url(host, port)
+        config.url = default_advertise_url(host, port, "https" if tls_cert else "http")
     app = create_app(store, config)
     try:
         server = _Server(
@@ -153,6 +186,9 @@ def serve(
                 # A long-polling agent is one coroutine, not a thread: thousands fit.
                 limit_concurrency=None,
                 backlog=4096,
+                # HTTPS when a certificate is given (herder.tlsconf checked the pair above).
+                ssl_certfile=tls_cert,
+                ssl_keyfile=tls_key,
             ),
             app,
         )

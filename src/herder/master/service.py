@@ -106,8 +106,11 @@ class MasterService:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, spec: JobSubmit) -> Submitted:
-        """Store the job (and its inline files); the same idempotency key, the same job."""
+    def submit(self, spec: JobSubmit, *, hold_inputs: bool = False) -> Submitted:
+        """Store the job (and its inline files); the same idempotency key, the same job.
+
+        ``hold_inputs``: the job waits for required blobs not stored yet
+        (herder.store.inputs; ``inputs=later`` of ``POST /jobs``)."""
         check_remote_only(spec)
         if spec.blobs:
             try:
@@ -115,7 +118,7 @@ class MasterService:
             except ValueError as exc:
                 raise InvalidRequest(f"blobs: {exc}") from None
             self.store.put_blobs(found)
-        sub = _submit(self.store, spec)
+        sub = _submit(self.store, spec, hold_inputs)
         if sub.created:
             self.work_arrived()
             self.changed.notify()
@@ -289,10 +292,10 @@ class MasterService:
         return self.follow(job_id, 0, 1).state in FINAL_TASK_STATES
 
 
-def _submit(store: Any, spec: JobSubmit) -> Submitted:
+def _submit(store: Any, spec: JobSubmit, hold_inputs: bool = False) -> Submitted:
     fn = getattr(store, "submit", None)
     if fn is not None:
-        sub = fn(spec)
+        sub = fn(spec, hold_inputs=True) if hold_inputs else fn(spec)
         return Submitted(int(sub.id), bool(sub.created), list(sub.task_ids))
     view, created = store.submit_job(spec)
     return Submitted(view.id, created, [t.id for s in view.stages for t in s.tasks])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import httpx
 
 from herder.master.metrics import MasterStats
 from herder.store.store import WakeTarget
+from herder.tlsconf import TlsWarnings, client_verify
 
 log = logging.getLogger("herder.master.wake")
 
@@ -36,6 +38,9 @@ class WakeConfig:
     timeout_s: float = 0.5  # per wake POST: connect + answer
     max_agents: int = 50  # fan-out of one round
     min_interval_s: float = 0.1  # at most one round per interval (debounce)
+    # https:// talkback endpoints are verified with this (herder.tlsconf.client_verify):
+    # True is the master's --ca ($HERDER_CA), else the system trust store.
+    verify: bool | str | ssl.SSLContext = True
 
 
 class Waker:
@@ -69,6 +74,7 @@ class Waker:
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._last_round = -1e9
+        self._tls = TlsWarnings(log, "wake_tls_failed")
 
     def poke(self) -> None:
         """Work may have arrived: wake idle agents soon (at most one round per interval)."""
@@ -111,6 +117,7 @@ class Waker:
                 trust_env=False,
                 follow_redirects=False,
                 limits=httpx.Limits(max_connections=self.config.max_agents),
+                verify=client_verify(self.config.verify),
             )
         headers = {"authorization": f"Bearer {target.token}"} if target.token else {}
         url = target.url.rstrip("/") + WAKE_PATH
@@ -119,6 +126,8 @@ class Waker:
             r = await self._client.post(url, headers=headers, json={})
         except (httpx.HTTPError, OSError) as exc:
             self.stats.wake_failures += 1
+            if self._tls.warn(url, exc, agent=target.agent_id):
+                return False
             log.debug("event=wake_failed agent=%s url=%s error=%r", target.agent_id, url, exc)
             return False
         if r.status_code >= 400:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from herder.api_models import (
+    AgentLimits,
     AgentRegister,
     AgentView,
 )
@@ -41,9 +42,18 @@ class AgentsMixin(StoreBase):
             "talkback_url": req.talkback_url,
             "talkback_token": req.talkback_token,
             "version": req.version,
+            "accept_owners": req.accept_owners,  # whose work it takes (herder.core.acl)
+            "accept_pools": req.accept_pools,
         }
         if req.mode is not None:
             values["mode"] = req.mode
+        values["gpus"] = req.gpus
+        # The agent's own flags win when it registers; without them a limit set
+        # through the API (set_agent_limits) stays.
+        if req.max_ram_mb is not None:
+            values["max_ram_mb"] = req.max_ram_mb
+        if req.max_load is not None:
+            values["max_load"] = req.max_load
 
         def tx(t: _Tx) -> bool:
             # A drained agent stays drained when it registers again (until undrained).
@@ -67,6 +77,36 @@ class AgentsMixin(StoreBase):
 
         created = self._write(tx)
         return self.get_agent(agent_id), created
+
+    def set_agent_limits(self, agent_id: str, limits: AgentLimits) -> AgentView:
+        """The agent's own limits (seeds/001), changed at run time: one transaction, one event.
+
+        Only the fields the request names change; null lifts a limit. The
+        next claim of the agent follows them.
+        """
+        changes = limits.model_dump(exclude_unset=True)
+
+        def tx(t: _Tx) -> None:
+            if not changes:
+                found = t.conn.execute(sa.select(agents.c.id).where(agents.c.id == agent_id))
+                if found.first() is None:
+                    raise NotFound(f"agent {agent_id} not found")
+                return
+            upd = (
+                sa.update(agents)
+                .where(agents.c.id == agent_id)
+                .values(**changes)
+                .returning(agents.c.id)
+            )
+            if t.conn.execute(upd).first() is None:
+                raise NotFound(f"agent {agent_id} not found")
+            said = ", ".join(
+                f"{k}={'none' if v is None else v}" for k, v in sorted(changes.items())
+            )
+            t.event("agent.limits", agent_id=agent_id, reason=said)
+
+        self._write(tx)
+        return self.get_agent(agent_id)
 
     def _running_counts(self, conn: Connection, agent_id: str | None = None) -> dict[str, int]:
         stmt = (

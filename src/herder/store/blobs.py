@@ -13,7 +13,7 @@ import sqlite3
 import struct
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -38,6 +38,11 @@ BLOB_TOUCH_AFTER_S = 3600.0
 
 class BlobsMixin(StoreBase):
     """Part of :class:`herder.store.Store`: blobs."""
+
+    if TYPE_CHECKING:  # herder.store.inputs: an upload releases the jobs held for it
+
+        def _inputs_arrived(self, t: _Tx, digest: str) -> list[int]: ...
+        def _inputs_present(self, digest: str) -> list[int]: ...
 
     def _small_blobs(self, t: _Tx, digests: set[str]) -> dict[str, bytes]:
         """The bytes of those of ``digests`` small enough to travel in an offer."""
@@ -123,13 +128,16 @@ class BlobsMixin(StoreBase):
         """Store a blob under its sha256; ``(size, created)``. Raises DigestMismatch."""
         actual = _check_digest(digest, data)
         if not self.missing_blobs([actual]):
+            self._inputs_present(actual)
             return len(data), False
 
         def tx(t: _Tx) -> bool:
             ins = self._insert_ignore(blobs).values(
                 digest=actual, size=len(data), data=data, created_at=t.now
             )
-            return t.conn.execute(ins.returning(blobs.c.digest)).first() is not None
+            created = t.conn.execute(ins.returning(blobs.c.digest)).first() is not None
+            self._inputs_arrived(t, actual)  # same transaction: held jobs see it at once
+            return created
 
         return len(data), self._write(tx)
 
@@ -142,13 +150,17 @@ class BlobsMixin(StoreBase):
         the bytes through COPY. The caller has checked the digest.
         """
         if not self.missing_blobs([digest]):
+            self._inputs_present(digest)
             return size, False
 
         def tx(t: _Tx) -> bool:
             with open(path, "rb") as f:
                 if self._is_pg:
-                    return _copy_blob_pg(t, digest, size, f)
-                return _write_blob_sqlite(t, digest, size, f)
+                    created = _copy_blob_pg(t, digest, size, f)
+                else:
+                    created = _write_blob_sqlite(t, digest, size, f)
+            self._inputs_arrived(t, digest)  # same transaction: held jobs see it at once
+            return created
 
         return size, self._write(tx)
 
@@ -194,7 +206,18 @@ def _write_blob_sqlite(t: _Tx, digest: str, size: int, f: BinaryIO) -> bool:
     return True
 
 
+#: The most one PostgreSQL bytea value holds, with a margin: a field is at most
+#: 1 GiB - 1 bytes in all (MaxAllocSize), below the master's default blob bound.
+PG_BLOB_MAX = (1 << 30) - (1 << 20)
+
+
 def _copy_blob_pg(t: _Tx, digest: str, size: int, f: BinaryIO) -> bool:
+    # Past PG_BLOB_MAX the server's COPY fails ("out of memory"): refused, not a
+    # driver error (a 500).
+    if size > PG_BLOB_MAX:
+        raise BlobTooLarge(
+            f"blob of {size} bytes: this PostgreSQL store holds at most {PG_BLOB_MAX}"
+        )
     # COPY cannot skip a known key: the bytes go to a temporary table, then
     # into blobs with ON CONFLICT, both on the server.
     t.cur.execute("CREATE TEMPORARY TABLE herder_blob_upload (data bytea) ON COMMIT DROP")

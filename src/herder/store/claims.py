@@ -12,6 +12,7 @@ from herder.api_models import (
     Offer,
     RequiredFile,
 )
+from herder.core.schedule import AgentSnapshot, Candidate, schedule
 from herder.core.states import (
     JobEvent,
     JobState,
@@ -21,6 +22,7 @@ from herder.core.states import (
 )
 from herder.errors import NotFound, StaleAttempt
 from herder.store import views
+from herder.store.acl_sql import accepts_params
 from herder.store.common import (
     _ACTIVE,
     ClaimOutcome,
@@ -34,6 +36,11 @@ T = TypeVar("T")
 
 
 _OFFER_TARGET = task_target(TaskEvent.OFFER).value
+
+
+def _window_size(n: int) -> int:
+    """Ready tasks read per claim of ``n``: room to choose what fits together and by share."""
+    return n + min(n, 100) + 8
 
 
 class ClaimsMixin(CompletionsMixin):
@@ -54,7 +61,7 @@ class ClaimsMixin(CompletionsMixin):
             agent = t.cur.execute(sql.claim_agent, (t.at, agent_id)).fetchone()
             if agent is None:
                 raise NotFound(f"agent {agent_id} not found")
-            tags, cpus, ram_mb, state, drain = agent
+            state, drain = agent[3], agent[4]
             drain = bool(drain)
             out = ClaimOutcome()
             if inline:
@@ -64,7 +71,8 @@ class ClaimsMixin(CompletionsMixin):
             for attempt_id in acks:
                 self._ack(t, attempt_id, None, agent_id)
             if max_tasks > 0 and state != "draining" and not drain:
-                out.offers = self._offer(t, agent_id, sql.load(tags) or [], cpus, ram_mb, max_tasks)
+                self._enforce_pool_acls(t, agent[12])  # seeds/002: forbidden work rejected first
+                out.offers = self._offer(t, agent_id, agent, max_tasks)
             self._finish(t)  # events, then the stage counters (they may set t.woke)
             out.woke = t.woke
             out.drain = drain
@@ -72,30 +80,87 @@ class ClaimsMixin(CompletionsMixin):
 
         return self._write(tx)
 
-    def _offer(
-        self, t: _Tx, agent_id: str, tags: Sequence[str], cpus: int, ram_mb: int, n: int
-    ) -> list[Offer]:
+    def _agent_snapshot(self, t: _Tx, agent_id: str, row: Sequence[Any]) -> AgentSnapshot:
+        """The claiming agent as the scheduler sees it (``claim_agent``'s row)."""
+        sql = self._sql
+        tags, cpus, ram_mb, _state, _drain, slots, gpus, max_ram, max_load, usage = row[:10]
+        owners, pools = row[10], row[11]
+        load_1m = None
+        if max_load is not None:
+            load_1m = (sql.load(usage) or {}).get("load_1m")
+        held = t.cur.execute(sql.agent_held, (agent_id,)).fetchone()
+        return AgentSnapshot(
+            slots=slots,
+            cpus=cpus,
+            ram_mb=ram_mb,
+            gpus=gpus,
+            tags=frozenset(sql.load(tags) or ()),
+            max_ram_mb=max_ram,
+            max_load=max_load,
+            load=None if load_1m is None else float(load_1m),
+            held=int(held[0]),
+            used_cpus=int(held[1]),
+            used_ram_mb=int(held[2]),
+            used_gpus=int(held[3]),
+            accept_owners=frozenset(sql.load(owners) or ()),
+            accept_pools=frozenset(sql.load(pools) or ()),
+        )
+
+    def _offer(self, t: _Tx, agent_id: str, agent_row: Sequence[Any], n: int) -> list[Offer]:
         sql, now, cur = self._sql, t.now, t.cur
         ts, load = sql.ts, sql.load
-        rows = cur.execute(
-            sql.offer,
+        agent = self._agent_snapshot(t, agent_id, agent_row)
+        if agent.overloaded:
+            return []
+        window = cur.execute(
+            sql.offer_window,
             {
-                "tags": sql.tags_param(tags),
-                "cpus": cpus,
-                "ram": ram_mb,
-                "n": n,
+                "tags": sql.tags_param(sorted(agent.tags)),
+                "negated": sql.tags_param([f"!{tag}" for tag in sorted(agent.tags)]),
+                "cpus": agent.cpu_capacity,
+                "gpus": agent.gpus,
+                "ram": agent.ram_capacity,
+                "n": _window_size(n),
                 "agent_id": agent_id,
                 "now": t.at,
                 "live_since": ts(now - timedelta(seconds=self.offline_after_s)),
                 "retry_before": ts(
                     now - timedelta(seconds=self.placement_policy.retry_elsewhere_s)
                 ),
+                **accepts_params(
+                    sorted(agent.accept_owners), sorted(agent.accept_pools), sql.tags_param
+                ),
             },
         ).fetchall()
+        if not window:
+            return []
+        # (id, job_id, priority, share_key, cpus, ram_mb, gpus, owner, pool)
+        candidates = [
+            Candidate(
+                id=r[0],
+                job_id=r[1],
+                priority=r[2],
+                share_key=r[3],
+                cpus=r[4],
+                ram_mb=r[5],
+                gpus=r[6],
+                owner=r[7] or "",
+                pool=r[8],
+            )
+            for r in window
+        ]
+        shares = self._share_snapshot(t, candidates)
+        picks = schedule(candidates, agent, shares, n)
+        if not picks:
+            return []
+        self._note_picks(picks)
+        place = {c.id: i for i, c in enumerate(picks)}
+        rows = cur.execute(sql.offer_tasks(len(picks)), [agent_id, t.at, *place]).fetchall()
         if not rows:
             return []
-        # (id, job_id, priority, attempt_count, command, env, requires, outputs, timeout_s)
-        rows.sort(key=lambda r: (-r[2], r[0]))
+        # (id, job_id, priority, attempt_count, command, env, requires, outputs, timeout_s,
+        #  cpus, ram_mb, gpus, progress_pattern, stuck_timeout_s), in the scheduler's order
+        rows.sort(key=lambda r: place[r[0]])
         ack_deadline = now + timedelta(seconds=self.ack_timeout_s)
         lease_expires = now + timedelta(seconds=self.lease_s)
         ack_db, lease_db = ts(ack_deadline), ts(lease_expires)
@@ -137,6 +202,11 @@ class ClaimsMixin(CompletionsMixin):
                     requires=[RequiredFile.model_validate(x) for x in req] if req else [],
                     outputs=load(r[7]),
                     timeout_s=r[8],
+                    cpus=r[9],
+                    ram_mb=r[10],
+                    gpus=r[11],
+                    progress_pattern=r[12],
+                    stuck_timeout_s=r[13],
                     lease_expires_at=lease_expires,
                     ack_deadline=ack_deadline,
                     inline=_inline_for(req, small) if small else {},

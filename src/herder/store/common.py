@@ -133,6 +133,8 @@ def _outcome_error(c: Completion, timeout_s: float | None) -> str | None:
         return "launch failed"
     if c.outcome == "released":
         return "released by the agent"
+    if c.outcome == "memory":
+        return "ran out of memory"
     return "cancelled"
 
 

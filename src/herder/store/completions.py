@@ -17,6 +17,7 @@ from herder.api_models import (
 from herder.core.rules import (
     BlocklistEntry,
     FailureKind,
+    RamRetryPolicy,
     RetryDecision,
     blocklist_strike,
     retry_decision,
@@ -43,6 +44,12 @@ from herder.store.schema import (
 from herder.store.sql import AttemptRow
 from herder.store.stops import job_not_over
 from herder.store.tx import _Tx
+from herder.store.watch import (
+    completion_watch,
+    memory_outcome,
+    ram_retry_policy_from_env,
+    record_watch,
+)
 
 _SUCCEED_SOURCES = frozenset(s.value for s in TASK_SOURCES[TaskEvent.SUCCEED])
 
@@ -51,6 +58,19 @@ T = TypeVar("T")
 
 class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
     """Part of :class:`herder.store.Store`: applying completions."""
+
+    _ram_policy: RamRetryPolicy | None = None
+
+    @property
+    def ram_retry_policy(self) -> RamRetryPolicy:
+        """Memory-aware retry (herder.store.watch): from the environment unless set."""
+        if self._ram_policy is None:
+            self._ram_policy = ram_retry_policy_from_env()
+        return self._ram_policy
+
+    @ram_retry_policy.setter
+    def ram_retry_policy(self, policy: RamRetryPolicy) -> None:
+        self._ram_policy = policy
 
     def _current_attempt(self, t: _Tx, attempt_id: int) -> AttemptRow | None:
         row = t.cur.execute(self._sql.current_attempt, (attempt_id,)).fetchone()
@@ -163,6 +183,14 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
         for attempt_id, merged, params in logged:
             lens = cur.execute(sql.attempt_finish, params).fetchone()
             self._insert_log(t, attempt_id, merged, lens)
+        record_watch(
+            t,
+            (
+                completion_watch(c, row.id)
+                for i, c, row in run
+                if (r := results[i]) is not None and r.result == "accepted"
+            ),
+        )
 
     @staticmethod
     def _fenced(
@@ -215,6 +243,7 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
         values: dict[str, Any] = {"updated_at": t.now}
         attempt_state: str
         decision: RetryDecision | None = None
+        memory_event: TaskEvent | None = None
         if c.outcome == "exited" and c.exit_code == 0:
             attempt_state = "succeeded"
             values.update(
@@ -232,6 +261,12 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
                 values["exit_code"] = c.exit_code
             # CAS on the budgets the decision was computed from.
             guard += [tk.failures == row.failures, tk.infra_failures == row.infra_failures]
+        elif c.outcome == "memory":  # more RAM, or fail past the ceiling (herder.store.watch)
+            attempt_state = "failed"
+            mem = memory_outcome(t, row, c, self.ram_retry_policy)
+            values.update(mem.values)
+            guard += mem.guard
+            memory_event, fail_reason = mem.event, mem.decision.reason
         elif c.outcome == "released" or row.task_state in _ACTIVE:
             # released, or cancelled by the agent on its own: hand the task back.
             attempt_state = "released" if c.outcome == "released" else "cancelled"
@@ -257,6 +292,7 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
                 return stale
             new_state = done[0]
             event = decision.event if decision else self._event_for(c, row.task_state, new_state)
+            event = memory_event or event
             if event is not None:
                 assert row.task_state in {s.value for s in TASK_SOURCES[event]}
             t.event(
@@ -267,7 +303,7 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
                 agent_id=row.agent_id,
                 from_state=row.task_state,
                 to_state=new_state,
-                reason=error,
+                reason=fail_reason if memory_event else error,
             )
 
         merged = _merge_chunks(c.log)
@@ -286,6 +322,7 @@ class CompletionsMixin(JobsMixin, LogsMixin, BlobsMixin):
             ),
         ).fetchone()
         self._insert_log(t, row.id, merged, lens)
+        record_watch(t, [completion_watch(c, row.id)])
         if decision is not None and decision.blocklist_strike and row.agent_id is not None:
             self._blocklist_strike(t, row.agent_id, row.job_id, row.task_id, row.id)
 

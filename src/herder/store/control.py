@@ -7,15 +7,20 @@ for each. An operation the job's state does not allow is a ``Conflict``
 (409) and changes nothing.
 
 - pause: nothing new starts (the claim only offers tasks of queued or
-  running jobs); with ``kill`` the offered and running tasks are preempted:
-  queued again, their attempts cancelled and announced to the cancel
+  running jobs). A waiting job (``depends_on``) is refused (409): none of its
+  tasks started, and a pause that outlived the release would need a state of
+  its own; cancel or change it instead. With ``kill`` the offered and running
+  tasks are preempted: queued again, their attempts cancelled and announced to the cancel
   listeners like ``cancel_job``'s, no failure counted.
 - resume: the job runs again (the caller wakes the agents).
 - retry: the failed and cancelled tasks of a failed or cancelled job go back
   to queued (blocked in a stage still waiting for its predecessor) with a
-  fresh failure budget; the job runs again.
+  fresh failure budget; the job runs again. A task's ``ram_mb`` keeps what
+  memory-aware retry raised it to (the task needed it), but its
+  ``memory_failures`` restart at 0: it gets its raises again.
 - update: priority, tags, cpus and ram_mb of the tasks not started yet,
-  max_attempts of every live task.
+  max_attempts of every live task; allowed from every state
+  ``JobEvent.UPDATE`` keeps (waiting, queued, running, paused).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from herder.core.states import (
     JOB_SOURCES,
     TASK_SOURCES,
     JobEvent,
+    JobState,
     TaskEvent,
     task_target,
 )
@@ -41,6 +47,7 @@ from herder.store.stops import LIVE_TASK_STATES
 from herder.store.tx import _Tx
 
 _NOT_STARTED = ("blocked", "queued")
+_WAITING = JobState.WAITING.value
 _PREEMPTED = task_target(TaskEvent.PREEMPT).value
 
 
@@ -52,6 +59,7 @@ class JobChanges:
     tags: list[str] | None = None
     cpus: int | None = None
     ram_mb: int | None = None
+    gpus: int | None = None
     max_attempts: int | None = None
 
     def fields(self) -> dict[str, Any]:
@@ -65,16 +73,19 @@ def _states(event: TaskEvent) -> list[str]:
 class ControlMixin(JobsMixin):
     """Part of :class:`herder.store.Store`: pause, resume, retry and change a job."""
 
-    def _controlled(self, t: _Tx, job_id: int, event: JobEvent | None, what: str) -> str:
+    def _controlled(self, t: _Tx, job_id: int, event: JobEvent, what: str) -> str:
         """Lock the job; NotFound, or Conflict unless ``event`` is allowed from its state."""
         state = self._lock_job(t, job_id)
         if state is None:
             raise NotFound(f"job {job_id} not found")
-        allowed = (
-            JOB_SOURCES[event]
-            if event is not None
-            else (JOB_SOURCES[JobEvent.PAUSE] + JOB_SOURCES[JobEvent.RESUME])
-        )
+        allowed = JOB_SOURCES[event]
+        if event is JobEvent.PAUSE and state == _WAITING:
+            raise Conflict(
+                f"job {job_id} is waiting for the jobs it depends on: none of its tasks "
+                "has started, so there is nothing to pause; change it (PATCH), cancel it, "
+                "or pause it once it is released",
+                detail={"job_id": job_id, "state": state},
+            )
         if state not in {s.value for s in allowed}:
             ok = ", ".join(sorted({s.value for s in allowed}))
             raise Conflict(
@@ -175,6 +186,9 @@ class ControlMixin(JobsMixin):
                         state=target,
                         failures=0,
                         infra_failures=0,
+                        # ram_mb keeps what memory-aware retry raised it to (it was
+                        # needed); the count restarts so the task gets its raises again.
+                        memory_failures=0,
                         exit_code=None,
                         error=None,
                         agent_id=None,
@@ -190,7 +204,7 @@ class ControlMixin(JobsMixin):
                         job_id=job_id,
                         task_id=int(r.id),
                         to_state=target,
-                        reason="retried by user: fresh attempt budget",
+                        reason="retried by user: fresh attempt and RAM-raise budgets",
                     )
 
         self._write(tx)
@@ -203,7 +217,7 @@ class ControlMixin(JobsMixin):
             fields["tags"] = sorted(set(changes.tags))
 
         def tx(t: _Tx) -> None:
-            self._controlled(t, job_id, None, "change")
+            self._controlled(t, job_id, JobEvent.UPDATE, "change")
             tk = tasks.c
             not_started = sa.and_(tk.job_id == job_id, tk.state.in_(_NOT_STARTED))
             if changes.priority is not None:
@@ -213,7 +227,7 @@ class ControlMixin(JobsMixin):
                     .values(priority=changes.priority, updated_at=t.now)
                 )
             values: dict[str, Any] = {
-                k: fields[k] for k in ("priority", "cpus", "ram_mb") if k in fields
+                k: fields[k] for k in ("priority", "cpus", "ram_mb", "gpus") if k in fields
             }
             if "tags" in fields:
                 values["tags"] = fields["tags"]

@@ -27,32 +27,37 @@ from herder.core.states import (
     task_target,
 )
 from herder.errors import NotFound
+from herder.frames import dispatch_ids
 from herder.store import views
+from herder.store.acl import AclMixin
 from herder.store.common import (
     _CLAIMABLE_JOB_STATES,
     SubmittedJob,
 )
+from herder.store.inputs import InputsMixin
 from herder.store.schema import (
     attempts,
     jobs,
     stages,
     tasks,
 )
+from herder.store.shares import SharesMixin
 from herder.store.sql import _TASK_COLUMNS
-from herder.store.stops import StopsMixin
 from herder.store.tx import _Tx
 
 T = TypeVar("T")
 
 
-class JobsMixin(StopsMixin):
+class JobsMixin(InputsMixin, SharesMixin, AclMixin):
     """Part of :class:`herder.store.Store`: jobs and their stages."""
 
-    def submit(self, spec: JobSubmit) -> SubmittedJob:
+    def submit(self, spec: JobSubmit, *, hold_inputs: bool = False) -> SubmittedJob:
         """Insert a job with its stages and tasks; the same idempotency key yields the same job.
 
         Builds no views: ``SubmittedJob(id, created, task_ids)``, task ids in
         submission order (a job of 100,000 tasks costs its rows, not its models).
+        ``hold_inputs``: a job whose required blobs are not all stored waits for
+        them (herder.store.inputs; ``missing_inputs`` lists them).
         """
         key = spec.idempotency_key
 
@@ -64,8 +69,11 @@ class JobsMixin(StopsMixin):
             if key is not None:
                 job_id = existing(t.conn)
                 if job_id is not None:
+                    self._refuse_self_dependency(spec, job_id)
+                    if hold_inputs:
+                        self._recheck_inputs(t, job_id)  # resumed: what is still missing
                     return SubmittedJob(job_id, False, self._task_ids(t.cur, job_id))
-            job_id, ids = self._insert_job(t, spec)
+            job_id, ids = self._insert_job(t, spec, hold_inputs)
             return SubmittedJob(job_id, True, ids)
 
         try:
@@ -88,7 +96,8 @@ class JobsMixin(StopsMixin):
         return self.get_job(sub.id), sub.created
 
     def _task_ids(self, cur: Any, job_id: int) -> list[int]:
-        return [int(r[0]) for r in cur.execute(self._sql.task_ids, (job_id,)).fetchall()]
+        ids = [int(r[0]) for r in cur.execute(self._sql.task_ids, (job_id,)).fetchall()]
+        return self._in_submission_order(cur, job_id, ids)
 
     def _alloc_task_ids(self, t: _Tx, n: int) -> list[int]:
         """``n`` new task ids, ascending (submission order is id order)."""
@@ -99,8 +108,16 @@ class JobsMixin(StopsMixin):
         top = int(t.cur.execute(self._sql.alloc_task_ids).fetchone()[0])
         return list(range(top + 1, top + 1 + n))
 
-    def _insert_job(self, t: _Tx, spec: JobSubmit) -> tuple[int, list[int]]:
+    def _insert_job(
+        self, t: _Tx, spec: JobSubmit, hold_inputs: bool = False
+    ) -> tuple[int, list[int]]:
         conn, now = t.conn, t.now
+        # First: its locks come before any other (herder.store.inputs).
+        missing = self._missing_at_submit(t, spec) if hold_inputs else []
+        self._require_may_submit(t, spec.pool, spec.owner)  # the pool's ACL: 403, nothing written
+        for_parents = self._initial_state(t, spec)  # depends_on (herder.store.deps)
+        # Held until its inputs are uploaded, too.
+        job_state = JobState.WAITING if missing else for_parents
         job_id = conn.execute(
             sa.insert(jobs)
             .values(
@@ -108,9 +125,11 @@ class JobsMixin(StopsMixin):
                 owner=spec.owner,
                 pool=spec.pool,
                 priority=spec.priority,
-                state=JobState.QUEUED.value,
+                state=job_state.value,
                 idempotency_key=spec.idempotency_key,
                 stage_count=len(spec.stages),
+                on_parent_failure=spec.on_parent_failure,
+                frame_order=spec.frame_order,
                 created_at=now,
                 updated_at=now,
             )
@@ -130,15 +149,24 @@ class JobsMixin(StopsMixin):
             ],
         )
         n = sum(len(s.tasks) for s in spec.stages)
-        ids = self._alloc_task_ids(t, n)
+        # Ids in claim order (frame_order), listed in submission order.
+        ids = dispatch_ids(
+            self._alloc_task_ids(t, n), [len(s.tasks) for s in spec.stages], spec.frame_order
+        )
         js = self._sql.js
         at = t.at
         prio = spec.priority
+        # Places in the owner's weighted queue, in the same order as the ids (fair share).
+        key_of = dict(zip(sorted(ids), self._assign_share_keys(t, spec.owner, n), strict=True))
         rows: list[tuple[Any, ...]] = []
         tag_rows: list[tuple[int, str]] = []
         it = iter(ids)
         for i, s in enumerate(spec.stages):
-            state = TaskState.QUEUED.value if i == 0 else TaskState.BLOCKED.value
+            state = (
+                TaskState.QUEUED.value
+                if i == 0 and job_state is JobState.QUEUED
+                else TaskState.BLOCKED.value
+            )
             for ts in s.tasks:
                 tid = next(it)
                 tags = sorted(set(ts.tags)) if ts.tags else []
@@ -169,6 +197,10 @@ class JobsMixin(StopsMixin):
                         0,
                         at,
                         at,
+                        ts.progress_pattern,
+                        ts.stuck_timeout_s,
+                        ts.gpus,
+                        key_of[tid],
                     )
                 )
         if self._is_pg:  # COPY: the cheapest bulk insert (no per-row statement)
@@ -183,12 +215,17 @@ class JobsMixin(StopsMixin):
             t.cur.executemany(self._sql.insert_tasks, rows)
             if tag_rows:
                 t.cur.executemany(self._sql.insert_task_tags, tag_rows)
+        waits = ", ".join(map(str, spec.depends_on)) if for_parents is JobState.WAITING else ""
         t.event(
             "job.submit",
             job_id=job_id,
-            to_state=JobState.QUEUED.value,
-            reason=f"{len(ids)} tasks in {len(spec.stages)} stages",
+            to_state=job_state.value,
+            reason=f"{len(ids)} tasks in {len(spec.stages)} stages"
+            + (f", waiting for job {waits}" if waits else "")
+            + (f", waiting for {len(missing)} inputs to be uploaded" if missing else ""),
         )
+        self._insert_deps(t, int(job_id), spec)
+        self._hold_for_inputs(t, int(job_id), missing)
         return int(job_id), ids
 
     def get_job(self, job_id: int, *, include_tasks: bool = True) -> JobView:
@@ -219,7 +256,9 @@ class JobsMixin(StopsMixin):
                     .order_by(attempts.c.task_id, attempts.c.number)
                 ):
                     by_task.setdefault(a.task_id, []).append(a)
-            return views.job_view(job, stage_rows, task_rows, by_task, counts, include_tasks)
+            view = views.job_view(job, stage_rows, task_rows, by_task, counts, include_tasks)
+            view.depends_on, view.dependents = self._job_links(conn, job_id)
+            return view
 
         return self._read(q)
 
@@ -263,6 +302,8 @@ class JobsMixin(StopsMixin):
 
     def _job_transition(self, t: _Tx, job_id: int, event: JobEvent, reason: str | None) -> bool:
         """Compare-and-set of a job's state, guarded by ``JOB_SOURCES[event]``."""
+        if event is JobEvent.RETRY:  # it runs again: its pool's ACL is checked as at submission
+            self._require_job_may_run(t, job_id)
         stmt = sa.select(jobs.c.state).where(jobs.c.id == job_id)
         if self._is_pg:
             stmt = stmt.with_for_update()
@@ -288,6 +329,7 @@ class JobsMixin(StopsMixin):
             to_state=target.value,
             reason=reason,
         )
+        self._after_job_transition(t, job_id, event, target.value)  # depends_on
         return True
 
     def _fail_job(self, t: _Tx, job_id: int, reason: str) -> None:

@@ -40,6 +40,7 @@ from herder.store.schema import (
 )
 from herder.store.stops import job_not_over
 from herder.store.tx import _Tx
+from herder.store.watch import heartbeat_progress
 
 
 class LeasesMixin(ClaimsMixin):
@@ -100,6 +101,7 @@ class LeasesMixin(ClaimsMixin):
             if rec.renew:
                 renew = list(rec.renew)
                 t.cur.execute(self._sql.renew(len(renew)), [self._sql.ts(lease), *renew])
+                heartbeat_progress(t, hb.running, rec.renew)
             for aid in rec.ack:
                 self._ack(t, aid, None, agent_id)
             if hb.mode == "autonomous":
@@ -387,4 +389,5 @@ class LeasesMixin(ClaimsMixin):
                 n += 1
         if n:
             t.woke = True
+        n += self._expire_inputs(t)  # jobs whose inputs never came (herder.store.inputs)
         return n

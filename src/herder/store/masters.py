@@ -13,7 +13,7 @@ from herder.api_models import (
     MasterFailureView,
     MasterView,
 )
-from herder.errors import NotFound
+from herder.errors import Conflict, NotFound
 from herder.store import views
 from herder.store.common import (
     MasterStatus,
@@ -42,11 +42,19 @@ class MastersMixin(StoreBase):
     """Part of :class:`herder.store.Store`: the master directory."""
 
     def master_heartbeat(
-        self, status: MasterStatus, *, starting: bool = False, state: str = "up"
+        self,
+        status: MasterStatus,
+        *,
+        starting: bool = False,
+        state: str = "up",
+        same_role: bool = False,
     ) -> None:
         """Upsert a master's directory row: its stats, ``last_heartbeat_at`` = database now.
 
         ``starting`` resets ``started_at``; ``state="stopped"`` on graceful shutdown.
+        ``same_role``: a row of a master of another role is left alone (Conflict):
+        a heartbeat relayed for another master (``herder.master.readonly``) never
+        turns a read-write master's row into something else.
         """
         values: dict[str, Any] = {
             "url": status.url,
@@ -67,6 +75,8 @@ class MastersMixin(StoreBase):
                 .values(**values, **extra, state=state, last_heartbeat_at=t.now)
                 .returning(masters.c.id)
             )
+            if same_role:
+                upd = upd.where(masters.c.role == status.role)
             if t.conn.execute(upd).first() is not None:
                 return
             ins = self._insert_ignore(masters).values(
@@ -77,6 +87,11 @@ class MastersMixin(StoreBase):
                 last_heartbeat_at=t.now,
             )
             if t.conn.execute(ins.returning(masters.c.id)).first() is None:
+                if same_role:  # the row is there with another role
+                    raise Conflict(
+                        f"master {status.id} is in the directory with another role",
+                        detail={"master": status.id},
+                    )
                 t.conn.execute(upd)  # inserted concurrently (cannot happen for one id, but cheap)
 
         self._write(tx)

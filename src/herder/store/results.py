@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from herder.api_models import FOLLOW_INLINE_MAX, FOLLOW_LOG_MAX, INLINE_OUTPUT_MAX
+from herder.core.states import TASK_TERMINAL
 from herder.errors import DigestMismatch, NotFound
 from herder.records import FollowPage, OutputRecord, TaskResult
 from herder.store.schema import blobs, events
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _BATCH = 500
-_FINAL = frozenset({"succeeded", "failed", "cancelled"})
+# A task's final states (TASK_TERMINAL): a rejected one (its pool's ACL) is a
+# result too, with the reason as its error and no attempt.
+_FINAL = frozenset(s.value for s in TASK_TERMINAL)
 _STARTED = frozenset({"offered", "running"})
 
 

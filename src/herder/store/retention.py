@@ -7,8 +7,9 @@ commits). A round is bounded batches, each one transaction:
 
 - **jobs**: at most ``batch_jobs`` jobs (and about ``batch_tasks`` tasks)
   whose state is succeeded, failed or cancelled and whose ``finished_at`` is
-  older than the retention and none of whose tasks is still offered or
-  running, with their stages, tasks, attempts, logs, events and blocklist
+  older than the retention, none of whose tasks is still offered or
+  running and on which no waiting job depends (a held child keeps its
+  failed parent, which a retry may still make succeed), with their stages, tasks, attempts, logs, events and blocklist
   strikes. The condition is in every statement's SQL: a queued, running or
   paused job is never pruned whatever its age.
 - **blobs**: blobs older than the grace period (``created_at``, refreshed
@@ -35,7 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from herder.core.rules import DEFAULT_MAINTENANCE_TTL_S
-from herder.core.states import JOB_TERMINAL
+from herder.core.states import JOB_TERMINAL, JobState
 from herder.store.common import _ACTIVE, REAPER_LOCK
 from herder.store.leases import LeasesMixin
 from herder.store.schema import (
@@ -43,6 +44,7 @@ from herder.store.schema import (
     attempts,
     blobs,
     events,
+    job_deps,
     jobs,
     log_chunks,
     stages,
@@ -59,6 +61,7 @@ RETENTION_ENV = "HERDER_RETENTION"
 BLOB_GRACE_ENV = "HERDER_BLOB_GRACE"
 
 FINISHED_JOB_STATES = tuple(sorted(s.value for s in JOB_TERMINAL))
+_WAITING = JobState.WAITING.value
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -257,7 +260,18 @@ class RetentionMixin(LeasesMixin):
         # In every statement: never a live job, whatever its age, nor a failed
         # one whose other tasks still run (a failure does not stop them).
         in_flight = sa.exists().where(tasks.c.job_id == jc.id, tasks.c.state.in_(_ACTIVE))
-        past = sa.and_(jc.finished_at < cutoff, jc.state.in_(FINISHED_JOB_STATES), ~in_flight)
+        # Nor a parent a waiting child still depends on (a held child of a failed
+        # parent): its job_deps rows would go with it (cascade) and the child would
+        # wait forever, with nothing left to retry that could release it.
+        child = jobs.alias("child")
+        waited_on = (
+            sa.exists()
+            .where(job_deps.c.parent_id == jc.id, child.c.id == job_deps.c.job_id)
+            .where(child.c.state == _WAITING)
+        )
+        past = sa.and_(
+            jc.finished_at < cutoff, jc.state.in_(FINISHED_JOB_STATES), ~in_flight, ~waited_on
+        )
         n_tasks = (
             sa.select(sa.func.coalesce(sa.func.sum(stages.c.task_count), 0))
             .where(stages.c.job_id == jc.id)

@@ -7,7 +7,7 @@ Notes on the hot path (DESIGN §10):
 
 - ``tasks.priority`` is the job's priority, copied onto each task so that the
   claim is one scan of one partial index, ``ix_tasks_claim`` on
-  ``(priority DESC, id) WHERE state = 'queued' AND placement = 'remote'``,
+  ``(priority DESC, share_key, id) WHERE state = 'queued' AND placement = 'remote'``,
   whatever the length of the queue.
 - ``stages.remaining`` counts the stage's tasks not yet succeeded, so that
   the completion of a task knows in O(1) whether it finished its stage.
@@ -75,10 +75,38 @@ jobs = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    # Issue 13 (herder.store.deps): what a failed parent does to this job
+    # ("fail" or "hold"), and the order its stages dispatch their tasks in.
+    sa.Column("on_parent_failure", sa.String(8), nullable=False, server_default="fail"),
+    sa.Column("frame_order", sa.String(32), nullable=False, server_default="sequential"),
     sa.Index("ix_jobs_state_id", "state", "id"),
     # Retention (herder.store.retention): finished jobs oldest first; only a
     # finished job has finished_at, and the state check reads the index alone.
     sa.Index("ix_jobs_finished_at_state", "finished_at", "state"),
+)
+
+# depends_on (herder.store.deps): job_id waits for parent_id. Parents exist
+# before their children, so the graph has no cycle; the index finds a
+# finished job's children.
+job_deps = sa.Table(
+    "job_deps",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "parent_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Index("ix_job_deps_parent_id", "parent_id"),
+)
+
+# Inputs not uploaded yet of a job submitted with ``inputs=later``
+# (herder.store.inputs): the job waits until none is left; the index finds
+# the jobs an upload completes.
+job_inputs = sa.Table(
+    "job_inputs",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Index("ix_job_inputs_digest", "digest"),
 )
 
 stages = sa.Table(
@@ -121,10 +149,20 @@ tasks = sa.Table(
     sa.Column("finished_at", UTCDateTime, nullable=True),
     # The agent its last attempt failed on (herder.core.rules: retry elsewhere first).
     sa.Column("last_failed_agent_id", sa.String(100), nullable=True),
+    # Issue 13, herder.agent.watch: a regex whose one group is the progress
+    # (0-100) in the task's output; kill after this long without output;
+    # memory failures so far (their own budget: herder.core.rules).
+    sa.Column("progress_pattern", sa.Text, nullable=True),
+    sa.Column("stuck_timeout_s", sa.Float, nullable=True),
+    sa.Column("memory_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("gpus", sa.Integer, nullable=False, server_default="0"),
+    # The task's place in its owner's weighted queue (herder.core.schedule.share_keys).
+    sa.Column("share_key", sa.Float, nullable=False, server_default="0"),
     sa.Index("ix_tasks_job_id_stage_state", "job_id", "stage", "state"),
     sa.Index(
         "ix_tasks_claim",
         sa.desc("priority"),
+        "share_key",
         "id",
         sqlite_where=_QUEUED_REMOTE,
         postgresql_where=_QUEUED_REMOTE,
@@ -159,6 +197,10 @@ attempts = sa.Table(
     sa.Column("outputs", sa.JSON, nullable=True),
     sa.Column("stdout_len", sa.Integer, nullable=False, server_default="0"),
     sa.Column("stderr_len", sa.Integer, nullable=False, server_default="0"),
+    # Issue 13: the latest progress (0-100) its agent reported, and the highest
+    # RSS (MB) of its process group the agent's watch saw.
+    sa.Column("progress", sa.Float, nullable=True),
+    sa.Column("peak_rss_mb", sa.Integer, nullable=True),
     sa.UniqueConstraint("task_id", "number"),
     # Only attempts in flight are in this index: the reaper and heartbeats scan it.
     sa.Index(
@@ -167,6 +209,8 @@ attempts = sa.Table(
         sqlite_where=_ACTIVE,
         postgresql_where=_ACTIVE,
     ),
+    # Fair share reads the slot-seconds of attempts finished within its window.
+    sa.Index("ix_attempts_finished_at", "finished_at"),
 )
 
 log_chunks = sa.Table(
@@ -208,6 +252,24 @@ agents = sa.Table(
     sa.Column("drain_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     # "master" or "autonomous" (claiming from the database itself), from its heartbeats.
     sa.Column("mode", sa.String(16), nullable=False, server_default="master"),
+    # Whose work it takes (herder.core.acl.agent_accepts): JSON lists of owners
+    # and pools from its registration; NULL or empty: everyone's.
+    sa.Column("accept_owners", sa.JSON, nullable=True),
+    sa.Column("accept_pools", sa.JSON, nullable=True),
+    sa.Column("gpus", sa.Integer, nullable=False, server_default="0"),
+    # The agent's own limits (seeds/001), from its configuration or PATCH /agents/{id}.
+    sa.Column("max_ram_mb", sa.Integer, nullable=True),
+    sa.Column("max_load", sa.Float, nullable=True),
+)
+
+# Fair share between owners (herder.core.schedule): a weight, and the owner's
+# virtual clock, the share key its last submitted task got.
+owner_shares = sa.Table(
+    "owner_shares",
+    metadata,
+    sa.Column("owner", sa.String(200), primary_key=True),
+    sa.Column("weight", sa.Float, nullable=False, server_default="1"),
+    sa.Column("clock", sa.Float, nullable=False, server_default="0"),
 )
 
 # herder.core.rules.BlocklistPolicy: strikes of an agent on a job, and the block.
@@ -305,4 +367,63 @@ master_failures = sa.Table(
     sa.Column("kind", sa.String(50), nullable=False),
     sa.Column("url", sa.Text, nullable=True),
     sa.Index("ix_master_failures_master_id_id", "master_id", "id"),
+)
+
+# Users and API tokens (issue 11, DESIGN §11; herder.store.auth). A token's
+# secret is never stored: only its sha256, compared in constant time.
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),  # admin, submitter, viewer
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # the <id> of hdr_<id>_<secret>
+    sa.Column("kind", sa.String(16), nullable=False),  # user, join, agent
+    sa.Column(
+        "user_name",
+        sa.String(100),
+        sa.ForeignKey("users.name", ondelete="CASCADE"),
+        nullable=True,
+    ),
+    sa.Column("agent_id", sa.String(100), nullable=True),  # kind agent: the agent it acts as
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=True),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column("description", sa.String(200), nullable=True),
+    # One live token per agent: a second join under the same id fails here,
+    # whichever master runs it, instead of by a read-then-write.
+    sa.Index(
+        "ix_tokens_agent_id",
+        "agent_id",
+        unique=True,
+        sqlite_where=sa.text("kind = 'agent' AND revoked_at IS NULL"),
+        postgresql_where=sa.text("kind = 'agent' AND revoked_at IS NULL"),
+    ),
+)
+
+# Pool ACLs (issue 11, seeds/002; herder.store.acl): the owners allowed to
+# submit to a pool, a JSON list (``*``: everyone). No row: everyone.
+pool_acls = sa.Table(
+    "pool_acls",
+    metadata,
+    sa.Column("pool", sa.String(200), primary_key=True),
+    sa.Column("allow", sa.JSON, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One row (id 1): bumped by every ACL write, so that a claim checks the queue
+# against the ACLs only when they changed since its store last did.
+acl_version = sa.Table(
+    "acl_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
 )

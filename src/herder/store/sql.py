@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from herder.core.states import JOB_SOURCES, TASK_SOURCES, JobEvent, TaskEvent
+from herder.store.acl_sql import accepts_sql
 from herder.store.common import _CLAIMABLE_JOB_STATES
 
 
@@ -66,7 +67,7 @@ _ATTEMPT_FROM = (
 _TASK_COLUMNS = (
     "id, job_id, stage, priority, name, state, command, placement, requires, outputs, env, "
     "tags, timeout_s, max_attempts, cpus, ram_mb, attempt_count, failures, infra_failures, "
-    "created_at, updated_at"
+    "created_at, updated_at, progress_pattern, stuck_timeout_s, gpus, share_key"
 )
 
 
@@ -85,7 +86,9 @@ class HotSql:
         )
         self.claim_agent = c(
             "UPDATE agents SET last_seen_at = ? WHERE agents.id = ? "
-            "RETURNING tags, cpus, ram_mb, state, drain_requested"
+            "RETURNING tags, cpus, ram_mb, state, drain_requested, slots, gpus, max_ram_mb, "
+            "max_load, usage, accept_owners, accept_pools, "
+            "(SELECT acl_version.version FROM acl_version WHERE acl_version.id = 1)"
         )
         self.task_succeed = c(
             "UPDATE tasks SET state = 'succeeded', exit_code = 0, error = NULL, finished_at = ?, "
@@ -122,10 +125,17 @@ class HotSql:
             "WHERE attempts.id = ?"
         )
         self.current_attempt = c(f"SELECT {_ATTEMPT_COLUMNS} {_ATTEMPT_FROM} WHERE attempts.id = ?")
-        self.offer = c(self._offer_sql())
+        self.offer_window = c(self._window_sql())
+        # What the agent holds now (its reservations: herder.core.schedule).
+        self.agent_held = c(
+            "SELECT count(*), coalesce(sum(tasks.cpus), 0), coalesce(sum(tasks.ram_mb), 0), "
+            "coalesce(sum(tasks.gpus), 0) FROM attempts JOIN tasks ON tasks.id = attempts.task_id "
+            "WHERE attempts.agent_id = ? AND attempts.state IN ('offered', 'running') "
+            "AND tasks.state IN ('offered', 'running') AND tasks.attempt_count = attempts.number"
+        )
         self.insert_tasks = c(
             f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, JSON(?), ?, JSON(?), "
-            "JSON(?), JSON(?), JSON(?), ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "JSON(?), JSON(?), JSON(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         self.insert_task_tags = c("INSERT INTO task_tags (task_id, tag) VALUES (?, ?)")
         self.task_ids = c("SELECT id FROM tasks WHERE job_id = ? ORDER BY id")
@@ -135,53 +145,65 @@ class HotSql:
             else "SELECT coalesce(max(id), 0) FROM tasks"
         )
 
-    def _offer_sql(self) -> str:
-        """The claim: one scan of ``ix_tasks_claim``, with primary-key probes.
+    def _window_sql(self) -> str:
+        """The claim's window: one scan of ``ix_tasks_claim``, with primary-key probes.
 
-        ``herder.core.rules``, transcribed: the task fits the agent (cpus, ram,
-        no tag the agent lacks), its job is queued or running; not first on the
-        agent it just failed on (``may_offer_after_failure``: unless it waited
+        ``herder.core.rules``, transcribed: the task fits the agent on its own
+        (cpus, GPUs, RAM against its capacity, no tag the agent lacks, no
+        ``!tag`` it has), its job is queued or running; not first on the agent
+        it just failed on (``may_offer_after_failure``: unless it waited
         ``retry_elsewhere_s`` or no other agent is live; that EXISTS is
         uncorrelated, evaluated at most once per statement), and never to an
         agent blocklisted for the job (same fallback). The state literals make
-        the partial index apply.
+        the partial index apply. ``herder.core.schedule`` then picks from the
+        window what fits together and what fair share wants; PostgreSQL locks
+        the window (SKIP LOCKED) so that concurrent claims read disjoint ones.
         """
         if self.is_pg:
-            foreign = "task_tags.tag <> ALL(CAST(:tags AS text[]))"
+            lacks = "task_tags.tag <> ALL(CAST(:tags AS text[]))"
+            has_negated = "task_tags.tag = ANY(CAST(:negated AS text[]))"
         else:
-            foreign = "task_tags.tag NOT IN (SELECT value FROM json_each(:tags))"
+            lacks = "task_tags.tag NOT IN (SELECT value FROM json_each(:tags))"
+            has_negated = "task_tags.tag IN (SELECT value FROM json_each(:negated))"
+        foreign = f"(({lacks}) AND substr(task_tags.tag, 1, 1) <> '!') OR ({has_negated})"
         claimable = ", ".join(f"'{s}'" for s in _CLAIMABLE_JOB_STATES)
         other_live = (
             "EXISTS (SELECT 1 FROM agents AS ao WHERE ao.id != :agent_id "
             "AND ao.state = 'online' AND ao.last_seen_at > :live_since)"
         )
-        cand = (
-            "SELECT tc.id FROM tasks AS tc "
+        window = (
+            "SELECT tc.id, tc.job_id, tc.priority, tc.share_key, tc.cpus, tc.ram_mb, tc.gpus, "
+            "jobs.owner, jobs.pool FROM tasks AS tc "
+            f"{'JOIN' if self.is_pg else 'CROSS JOIN'} jobs ON jobs.id = tc.job_id "
             "WHERE tc.state = 'queued' AND tc.placement = 'remote' AND tc.cpus <= :cpus "
-            "AND (:ram = 0 OR tc.ram_mb <= :ram) "
-            f"AND NOT (EXISTS (SELECT 1 FROM task_tags WHERE task_tags.task_id = tc.id AND {foreign})) "
-            "AND (EXISTS (SELECT 1 FROM jobs WHERE jobs.id = tc.job_id "
-            f"AND jobs.state IN ({claimable}))) "
+            "AND tc.gpus <= :gpus AND (:ram = 0 OR tc.ram_mb <= :ram) "
+            f"AND NOT (EXISTS (SELECT 1 FROM task_tags WHERE task_tags.task_id = tc.id AND ({foreign}))) "
+            f"AND jobs.state IN ({claimable}) "
+            f"{accepts_sql(self.is_pg)}"  # the agent's --accept-owners/-pools (herder.core.acl)
             "AND (tc.last_failed_agent_id IS NULL OR tc.last_failed_agent_id != :agent_id "
             f"OR tc.updated_at <= :retry_before OR NOT ({other_live})) "
             "AND (NOT (EXISTS (SELECT 1 FROM agent_job_failures AS bl WHERE bl.agent_id = :agent_id "
             f"AND bl.job_id = tc.job_id AND bl.blocked_until > :now)) OR NOT ({other_live})) "
-            "ORDER BY tc.priority DESC, tc.id LIMIT :n"
-        )
-        update = (
-            "UPDATE tasks SET state = 'offered', attempt_count = tasks.attempt_count + 1, "
-            "agent_id = :agent_id, updated_at = :now WHERE tasks.id IN ({picked}) "
-            f"AND tasks.state IN ({_states(TaskEvent.OFFER)}) RETURNING tasks.id, tasks.job_id, "
-            "tasks.priority, tasks.attempt_count, tasks.command, tasks.env, tasks.requires, "
-            "tasks.outputs, tasks.timeout_s"
+            "ORDER BY tc.priority DESC, tc.share_key, tc.id LIMIT :n"
         )
         if self.is_pg:
-            # A materialized CTE runs the LIMIT … SKIP LOCKED scan exactly once.
-            return (
-                f"WITH cand AS MATERIALIZED ({cand} FOR UPDATE OF tc SKIP LOCKED) "
-                + update.format(picked="SELECT cand.id FROM cand")
+            window += " FOR UPDATE OF tc SKIP LOCKED"
+        return window
+
+    def offer_tasks(self, n: int) -> str:
+        """Guarded ``queued → offered`` of ``n`` picked task ids (params: now, agent, ids)."""
+
+        def build(n: int) -> str:
+            return self._compile(
+                "UPDATE tasks SET state = 'offered', attempt_count = tasks.attempt_count + 1, "
+                f"agent_id = ?, updated_at = ? WHERE tasks.id IN ({self._marks(n)}) "
+                f"AND tasks.state IN ({_states(TaskEvent.OFFER)}) RETURNING tasks.id, "
+                "tasks.job_id, tasks.priority, tasks.attempt_count, tasks.command, tasks.env, "
+                "tasks.requires, tasks.outputs, tasks.timeout_s, tasks.cpus, tasks.ram_mb, "
+                "tasks.gpus, tasks.progress_pattern, tasks.stuck_timeout_s"
             )
-        return update.format(picked=cand)
+
+        return self._multi("offer_tasks", n, build)
 
     def _compile(self, sql: str) -> str:
         if self.is_pg:

@@ -12,7 +12,8 @@ Rules (DESIGN §2, §5, §10):
   are retried on deadlock or serialization failure.
 
 ``Store`` is composed of mixins, one module per thing it owns: ``tx``
-(transactions, the clock), ``jobs``, ``control`` (pause, resume, retry, change), ``claims``, ``completions``, ``leases``
+(transactions, the clock), ``jobs``, ``deps`` (depends_on: held and released
+jobs), ``control`` (pause, resume, retry, change), ``claims``, ``completions``, ``leases``
 (heartbeats, reaper, locks), ``retention`` (pruning under the maintenance
 lock), ``agents``, ``masters`` (the directory), ``blobs``, ``logs`` (events
 and logs) and, when present, ``results``.

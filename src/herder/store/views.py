@@ -70,10 +70,13 @@ def attempt_view(r: Any) -> AttemptView:
         log_href=log_href(r.id),
         stdout_len=r.stdout_len,
         stderr_len=r.stderr_len,
+        progress=r.progress,
+        peak_rss_mb=r.peak_rss_mb,
     )
 
 
 def task_view(r: Any, attempts: Iterable[Any] = ()) -> TaskView:
+    tried = [attempt_view(a) for a in attempts]
     return TaskView(
         id=r.id,
         href=task_href(r.id),
@@ -91,11 +94,16 @@ def task_view(r: Any, attempts: Iterable[Any] = ()) -> TaskView:
         tags=r.tags,
         cpus=r.cpus,
         ram_mb=r.ram_mb,
+        gpus=r.gpus,
         failures=r.failures,
         infra_failures=r.infra_failures,
         exit_code=r.exit_code,
         error=r.error,
-        attempts=[attempt_view(a) for a in attempts],
+        attempts=tried,
+        progress=tried[-1].progress if tried else None,
+        progress_pattern=r.progress_pattern,
+        stuck_timeout_s=r.stuck_timeout_s,
+        memory_failures=r.memory_failures,
     )
 
 
@@ -106,7 +114,7 @@ def stage_state(counts: Mapping[str, int]) -> str:
         return "queued"
     if counts.get("succeeded", 0) == total:
         return "succeeded"
-    if counts.get("failed", 0):
+    if counts.get("failed", 0) or counts.get("rejected", 0):  # rejected: by the pool's ACL
         return "failed"
     if counts.get("offered", 0) or counts.get("running", 0):
         return "running"
@@ -160,6 +168,8 @@ def job_view(
         finished_at=job.finished_at,
         counts=total,
         stages=stages_out,
+        on_parent_failure=job.on_parent_failure,
+        frame_order=job.frame_order,
     )
 
 
@@ -194,6 +204,9 @@ def agent_view(r: Any, running: int, now: datetime, offline_after_s: float) -> A
         tags=r.tags,
         cpus=r.cpus,
         ram_mb=r.ram_mb,
+        gpus=r.gpus,
+        max_ram_mb=r.max_ram_mb,
+        max_load=r.max_load,
         state=state,
         registered_at=r.registered_at,
         last_seen_at=r.last_seen_at,
@@ -201,6 +214,8 @@ def agent_view(r: Any, running: int, now: datetime, offline_after_s: float) -> A
         usage=ResourceUsage.model_validate(r.usage) if r.usage else None,
         talkback_url=r.talkback_url,
         mode=r.mode,
+        accept_owners=r.accept_owners or [],
+        accept_pools=r.accept_pools or [],
     )
 
 
