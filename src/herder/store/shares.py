@@ -27,7 +27,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from herder.core.schedule import DEFAULT_SHARE_WINDOW_S, Candidate, Shares, share_keys
-from herder.errors import NotFound
 from herder.store.tx import StoreBase, _Tx
 
 DEFAULT_SHARE_REFRESH_S = 5.0
@@ -198,7 +197,8 @@ class SharesMixin(StoreBase):
         got = self._write(tx)
         with self._share_lock:
             self._share_cache = None
-        return OwnerShare(owner=owner, weight=got, used_s=self._used_of(owner))
+        used = next((o.used_s for o in self.owner_shares() if o.owner == owner), 0.0)
+        return OwnerShare(owner=owner, weight=got, used_s=used)
 
     def owner_shares(self) -> list[OwnerShare]:
         """Every owner with a share row, with slot-seconds over the window."""
@@ -214,15 +214,3 @@ class SharesMixin(StoreBase):
             ]
 
         return self._write(tx)
-
-    def owner_share(self, owner: str) -> OwnerShare:
-        for share in self.owner_shares():
-            if share.owner == owner:
-                return share
-        raise NotFound(f"owner {owner!r} has no share (it has submitted nothing)")
-
-    def _used_of(self, owner: str) -> float:
-        for share in self.owner_shares():
-            if share.owner == owner:
-                return share.used_s
-        return 0.0
