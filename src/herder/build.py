@@ -241,14 +241,22 @@ class Build:
     def _hash_requires(
         self, remote: list[ActionRun]
     ) -> tuple[dict[str, tuple[str, int, int]], dict[str, Path]]:
-        """Every required file of the remote actions exists: hash them (``hash_files``)."""
-        for a in remote:
-            for p in a.action.requires:
-                if not resolve_inside(self.workdir, p).is_file():
-                    raise BuildError(
-                        f"line {a.action.line}: required file {p!r} of {a.label} does not exist in {self.workdir}"
-                    )
-        return hash_files(self.workdir, sorted({p for a in remote for p in a.action.requires}))
+        """Every required file of the remote actions exists: hash them (``hash_files``).
+
+        One pass over the files; only when one cannot be hashed are they checked
+        again, to name the first missing one and its action.
+        """
+        try:
+            return hash_files(self.workdir, sorted({p for a in remote for p in a.action.requires}))
+        except OSError:
+            for a in remote:
+                for p in a.action.requires:
+                    if not resolve_inside(self.workdir, p).is_file():
+                        raise BuildError(
+                            f"line {a.action.line}: required file {p!r} of {a.label} "
+                            f"does not exist in {self.workdir}"
+                        ) from None
+            raise
 
     def _submit(self, index: int, run: SetRun) -> int | None:
         remote = [a for a in run.actions if a.action.remote]

@@ -18,10 +18,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _set_ca(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    from herder.tlsconf import TlsConfigError, client_context, set_default_ca
-
     if not value:
         return
+    from herder.tlsconf import TlsConfigError, client_context, set_default_ca
+
     try:
         client_context(value)  # a bad bundle is one line now, not at the first request
     except TlsConfigError as exc:

@@ -32,17 +32,25 @@ def normalize_relpath(path: str) -> str:
     return "/".join(parts)
 
 
-def resolve_inside(root: Path, relpath: str) -> Path:
-    """Join ``relpath`` to ``root`` and check no symlink on the way escapes it."""
+def resolve_inside(root: Path | str, relpath: str, *, root_real: str | None = None) -> Path:
+    """Join ``relpath`` to ``root`` and check no symlink on the way escapes it.
+
+    ``root_real``: ``os.path.realpath(root)`` computed already by a caller that
+    knows ``root`` cannot have moved since (a sandbox before its command runs),
+    which spares a path walk per file.
+    """
     rel = normalize_relpath(relpath)
-    root_real = Path(os.path.realpath(root))
-    target = root_real.joinpath(*rel.split("/"))
-    # realpath of the parent catches symlinked directories pointing outside.
-    parent_real = Path(os.path.realpath(target.parent))
-    if parent_real != root_real and root_real not in parent_real.parents:
-        raise UnsafePath(f"path {relpath!r} escapes the job root through a symlink")
+    real = Path(root_real if root_real is not None else os.path.realpath(root))
+    parts = rel.split("/")
+    target = real.joinpath(*parts)
+    if len(parts) > 1:
+        # realpath of the parent catches symlinked directories pointing outside
+        # (a file directly in the root has the root, resolved above, as parent).
+        parent_real = Path(os.path.realpath(target.parent))
+        if parent_real != real and real not in parent_real.parents:
+            raise UnsafePath(f"path {relpath!r} escapes the job root through a symlink")
     if target.is_symlink():
         dest = Path(os.path.realpath(target))
-        if dest != root_real and root_real not in dest.parents:
+        if dest != real and real not in dest.parents:
             raise UnsafePath(f"path {relpath!r} is a symlink that points outside the job root")
     return target

@@ -176,3 +176,25 @@ def test_cli_drain_and_submit_idempotency_key(farm: LocalFarm, tmp_path: Path) -
     first = int(_cli("submit", str(jobfile), "--master", farm.url).stdout.split()[1])
     second = int(_cli("submit", str(jobfile), "--master", farm.url).stdout.split()[1])
     assert first == second
+
+
+def test_hot_routes_answer_as_their_fastapi_twins(farm: LocalFarm) -> None:
+    # claim and heartbeat are plain Starlette routes ahead of the FastAPI ones
+    # (master.context.fast_route): the same checks, answers and documentation.
+    with httpx.Client(base_url=farm.url, timeout=30) as c:
+        bad = "a%01b"  # a control character: NamePath refuses it
+        twin = c.post(f"/api/v1/agents/{bad}/drain")
+        assert twin.status_code == 422
+        for hot, valid in (("claim", {"max_tasks": 1}), ("heartbeat", {})):
+            r = c.post(f"/api/v1/agents/{bad}/{hot}", json={"max_tasks": 0})
+            assert r.status_code == 422, r.text
+            assert r.json() == twin.json()
+            wrong = c.get(f"/api/v1/agents/x/{hot}")
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+            assert wrong.json()["error"] == "method_not_allowed"
+            assert c.post(f"/api/v1/agents/nobody-{hot}/{hot}", json=[]).status_code == 422
+            unknown = c.post(f"/api/v1/agents/nobody-{hot}/{hot}", json=valid)
+            assert unknown.status_code == 404, unknown.text
+        paths = c.get("/openapi.json").json()["paths"]
+        assert "post" in paths["/api/v1/agents/{agent_id}/claim"]
+        assert "post" in paths["/api/v1/agents/{agent_id}/heartbeat"]

@@ -218,3 +218,15 @@ def test_update_of_a_finished_job_is_a_conflict_and_changes_nothing(store: Store
         store.update_job(view.id, JobChanges(priority=5))
     assert store.get_job(view.id).priority == 0
     assert kinds(store, view.id) == before
+
+
+def test_agent_state_is_the_views_state_and_unknown_agents_are_not_found(store: Store) -> None:
+    # The idle claim's one read (master.service.claim_once): the same answer as the view.
+    a = agent(store)
+    assert store.agent_state(a) == store.get_agent(a).state
+    store.set_drain(a, True)
+    assert store.agent_state(a) == store.get_agent(a).state == "draining"
+    store.set_drain(a, False)
+    assert store.agent_state(a) != "draining"
+    with pytest.raises(NotFound):
+        store.agent_state("nobody")

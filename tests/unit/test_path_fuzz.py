@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -113,6 +113,41 @@ def test_resolve_inside_never_leaves_the_root(tree: Path, path: str) -> None:
     assert inside(root_real, os.path.realpath(got.parent)), (path, got)
     if got.is_symlink():
         assert inside(root_real, os.path.realpath(got)), (path, got)
+
+
+def _walk_every_parent(root: Path, relpath: str) -> Path:
+    """The slow reference: resolve the root and every file's parent, always."""
+    rel = normalize_relpath(relpath)
+    real = Path(os.path.realpath(root))
+    target = real.joinpath(*rel.split("/"))
+    parent = Path(os.path.realpath(target.parent))
+    if parent != real and real not in parent.parents:
+        raise UnsafePath("escapes")
+    if target.is_symlink():
+        dest = Path(os.path.realpath(target))
+        if dest != real and real not in dest.parents:
+            raise UnsafePath("points outside")
+    return target
+
+
+def _outcome(fn: Callable[[], Path]) -> Path | str:
+    try:
+        return fn()
+    except UnsafePath:
+        return "refused"
+
+
+@FUZZ
+@given(paths)
+def test_resolve_inside_with_a_known_root_real_path_decides_the_same(tree: Path, path: str) -> None:
+    # The agent passes the sandbox's real path it already knows (and the
+    # client's top-level files skip the parent walk): same answers, escapes included.
+    real = os.path.realpath(tree)
+    got = _outcome(lambda: resolve_inside(tree, path, root_real=real))
+    assert got == _outcome(lambda: resolve_inside(tree, path)), path
+    assert got == _outcome(lambda: _walk_every_parent(tree, path)), path
+    if isinstance(got, Path):
+        assert inside(real, os.path.realpath(got.parent)), (path, got)
 
 
 @FUZZ

@@ -196,3 +196,18 @@ def test_inputs_timeout_from_the_environment() -> None:
     for bad in ("0", "-1", "soon", "inf", "nan"):
         with pytest.raises(ValueError, match=f"{INPUTS_TIMEOUT_ENV}='{bad}'"):
             inputs_timeout_from_env({INPUTS_TIMEOUT_ENV: bad})
+
+
+def test_hash_files_refuses_what_is_not_a_regular_file_without_blocking(tmp_path: Path) -> None:
+    # A FIFO among the required files would block the read for ever.
+    import os
+
+    from herder.client.files import hash_files
+
+    (tmp_path / "ok.txt").write_text("x")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dir").mkdir()
+    assert hash_files(tmp_path, ["ok.txt"])[0]["ok.txt"][1] == 1
+    for bad in ("pipe", "dir"):
+        with pytest.raises(OSError, match="not a regular file"):
+            hash_files(tmp_path, ["ok.txt", bad])

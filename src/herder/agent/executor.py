@@ -396,10 +396,12 @@ class Execution:
     # -- internals ----------------------------------------------------------
 
     def _stage(self, req: RequiredFile) -> None:
-        dest = resolve_inside(self.work_dir, req.path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir may have followed nothing unsafe, but re-check after creation.
-        dest = resolve_inside(self.work_dir, req.path)
+        # No command has run in this new sandbox yet: its real path is known.
+        real = os.path.join(self.executor.work_root_real, self._name, "work")
+        dest = resolve_inside(self._work_s, req.path, root_real=real)
+        if str(dest.parent) != real:  # re-checked after mkdir, which follows nothing unsafe
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = resolve_inside(self._work_s, req.path, root_real=real)
         src = self.executor.blobs.ensure(req.digest)
         if os.path.lexists(dest):
             dest.unlink()

@@ -3,8 +3,10 @@ submission's missing inputs through its continuation (:class:`InputUploader`).""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +50,8 @@ def hash_files(
         if norm not in result:
             path = resolve_inside(root, norm)
             st = path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             digest = sha256_file(path)
             result[norm] = (digest, st.st_size, st.st_mode & 0o7777)
             where.setdefault(digest, path)

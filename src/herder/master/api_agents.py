@@ -35,6 +35,7 @@ from herder.master.context import (
     NamePath,
     body_doc,
     error_response,
+    fast_route,
     json_response,
     parse_body,
 )
@@ -119,6 +120,11 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     async def heartbeat(agent_id: NamePath, request: Request) -> Response:
         body = await parse_body(request, Heartbeat)
         return json_response(await ctx.call(service.heartbeat, agent_id, body))
+
+    # The agent cycle's hot requests answer from plain Starlette routes (the
+    # FastAPI ones above describe them in the OpenAPI document).
+    fast_route(app, "/api/v1/agents/{agent_id}/claim", claim)
+    fast_route(app, "/api/v1/agents/{agent_id}/heartbeat", heartbeat)
 
     @app.post("/api/v1/agents/{agent_id}/drain", response_model=AgentView, responses=ERRORS)
     async def drain_agent(agent_id: NamePath) -> Response:

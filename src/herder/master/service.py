@@ -202,8 +202,8 @@ class MasterService:
             # instead of queueing for the write lock only to find nothing.
             from herder.store import ClaimOutcome
 
-            agent = store.get_agent(agent_id)  # NotFound for an unknown agent
-            return ClaimOutcome(drain=agent.state == "draining")
+            # NotFound for an unknown agent
+            return ClaimOutcome(drain=store.agent_state(agent_id) == "draining")
         out = store.claim(agent_id, self._fair_share(agent_id, max_tasks), completions, acks)
         if out.woke:
             self.work_arrived()

@@ -26,6 +26,8 @@ from herder.store.schema import (
 )
 from herder.store.tx import StoreBase, _Tx
 
+_AGENT_STATE = sa.select(agents.c.state).where(agents.c.id == sa.bindparam("agent_id"))
+
 
 class AgentsMixin(StoreBase):
     """Part of :class:`herder.store.Store`: agents."""
@@ -117,6 +119,13 @@ class AgentsMixin(StoreBase):
         if agent_id is not None:
             stmt = stmt.where(attempts.c.agent_id == agent_id)
         return {a: n for a, n in conn.execute(stmt) if a is not None}
+
+    def agent_state(self, agent_id: str) -> str:
+        """The agent's state alone (an idle claim's one question); NotFound if unknown."""
+        row = self._read(lambda c: c.execute(_AGENT_STATE, {"agent_id": agent_id}).first())
+        if row is None:
+            raise NotFound(f"agent {agent_id} not found")
+        return str(row.state)
 
     def get_agent(self, agent_id: str) -> AgentView:
         def q(conn: Connection) -> AgentView:

@@ -48,6 +48,18 @@ from herder.store.tx import _Tx
 T = TypeVar("T")
 
 
+# Every idle poll asks this (``has_claimable_work``): built once, not per call.
+_HAS_CLAIMABLE = (
+    sa.select(tasks.c.id)
+    .where(
+        tasks.c.state == TaskState.QUEUED.value,
+        tasks.c.placement == "remote",
+        sa.exists().where(jobs.c.id == tasks.c.job_id, jobs.c.state.in_(_CLAIMABLE_JOB_STATES)),
+    )
+    .limit(1)
+)
+
+
 class JobsMixin(InputsMixin, SharesMixin, AclMixin):
     """Part of :class:`herder.store.Store`: jobs and their stages."""
 
@@ -406,15 +418,4 @@ class JobsMixin(InputsMixin, SharesMixin, AclMixin):
         before jobs stopped at once) are not work: counting them would wake
         every parked claim each recheck for nothing.
         """
-        stmt = (
-            sa.select(tasks.c.id)
-            .where(
-                tasks.c.state == TaskState.QUEUED.value,
-                tasks.c.placement == "remote",
-                sa.exists().where(
-                    jobs.c.id == tasks.c.job_id, jobs.c.state.in_(_CLAIMABLE_JOB_STATES)
-                ),
-            )
-            .limit(1)
-        )
-        return self._read(lambda c: c.execute(stmt).first() is not None)
+        return self._read(lambda c: c.execute(_HAS_CLAIMABLE).first() is not None)
