@@ -6,8 +6,8 @@ Prints both rates and their ratio. The herder time runs from the submit
 request to the job's finish as the database recorded it (polling, every
 0.2 s, only detects the end; it does not stretch the figure). An untimed
 warm-up job of 4 x slots tasks runs first on the same farm. Jobs are
-submitted as `herder run` submits them (`?view=ids`). xargs runs before and after herder;
-the faster of the two is the baseline.
+submitted as `herder run` submits them (`?view=ids`). xargs runs before and
+after herder; the faster of the two is the baseline.
 
 CPU per task of the master and of the agent (psutil: each process, its live
 children and the children it reaped, so the agent's figure includes the

@@ -55,15 +55,15 @@ def sample(pid: int) -> tuple[int, dict[str, int]]:
         own = root.cmdline()
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            if p.pid != pid and own and p.cmdline() == own:
+            cmdline = p.cmdline() if p.pid != pid else own
+            if p.pid != pid and own and cmdline == own:
                 # A command's process between fork and exec: Python spawns with
                 # vfork, so it runs in herder's own address space, whose pages its
                 # PSS would count a second time in full. Nothing of its own yet.
-                split["between fork and exec"] = split.get("between fork and exec", 0)
                 continue
             info = p.memory_full_info()
             mem = int(getattr(info, "pss", info.rss))
-            role = _role(p.cmdline()) if p.pid != pid else "herder run"
+            role = _role(cmdline) if p.pid != pid else "herder run"
             if p.pid == pid:
                 split["herder run (RSS)"] = int(info.rss)
             split[role] = split.get(role, 0) + mem
