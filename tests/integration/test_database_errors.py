@@ -241,19 +241,31 @@ def test_a_call_answered_busy_never_commits_afterwards(tmp_path: Path) -> None:
 
 def test_a_call_that_committed_is_waited_for_not_deferred(tmp_path: Path) -> None:
     store = Store.open(f"sqlite:///{tmp_path / 'h.db'}", migrate=True)
+    timeout = 1.0
+    release = threading.Event()
 
-    def submit_then_hang(hang_s: float) -> Any:
+    def submit_then_hang_until(deadline: float | None) -> Any:
         view, _ = store.submit_job(job(tasks(1)))
-        time.sleep(hang_s)  # committed; the rest of the call is slow
+        # Committed; the rest of the call is slow: until just past the
+        # timeout, or until the test lets it go (past twice the timeout).
+        if deadline is None:
+            release.wait(30)
+        else:
+            time.sleep(max(0.0, deadline - time.monotonic()))
         return view.id
 
     async def main() -> None:
-        ctx = guarded_ctx(store, 0.3)
+        ctx = guarded_ctx(store, timeout)
         # Past the timeout, but committed: the caller gets the real answer ...
-        assert await ctx.call(submit_then_hang, 0.45) == 1
+        deadline = time.monotonic() + timeout + 0.2
+        assert await ctx.call(submit_then_hang_until, deadline) == 1
+        assert time.monotonic() > deadline
         # ... or, past twice the timeout, an unknown outcome, never "busy".
-        with pytest.raises(CommitOutcomeUnknown):
-            await ctx.call(submit_then_hang, 1.5)
+        try:
+            with pytest.raises(CommitOutcomeUnknown):
+                await ctx.call(submit_then_hang_until, None)
+        finally:
+            release.set()
 
     try:
         asyncio.run(main())
