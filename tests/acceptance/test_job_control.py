@@ -155,7 +155,7 @@ def test_pause_kill_stops_the_process_and_requeues_without_a_failure(farm: Local
         assert r.returncode == 0, r.stderr
         t0 = time.monotonic()
         proc.wait(timeout=5)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # at once, not after its 30 s (margin: a loaded machine)
         view = client.get_job(job.id)
         assert view.state == "paused" and view.counts == {"queued": 2}
         assert all(t.failures == 0 for s in view.stages for t in s.tasks)

@@ -340,6 +340,8 @@ def test_embedded_farm_cancel_kills_its_in_process_agents_attempts(tmp_path: Pat
         t0 = time.monotonic()
         assert client.cancel_job(job.id).state == "cancelled"
         wait_for(lambda: not sleeps_under(me), 5, "the in-process agent killed them")
-        assert time.monotonic() - t0 < 1.0
+        # At once: not at the next heartbeat (10 s), nor the sleeps' end (60 s);
+        # the margin is for a loaded machine.
+        assert time.monotonic() - t0 < 3.0
         view = client.get_job(job.id)
         assert view.counts == {"cancelled": 2}
