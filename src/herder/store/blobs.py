@@ -13,7 +13,7 @@ import sqlite3
 import struct
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -48,37 +48,29 @@ class BlobsMixin(StoreBase):
         """The bytes of those of ``digests`` small enough to travel in an offer."""
         if not digests:
             return {}
-        wanted = sorted(digests)
+        sql, wanted = self._sql, sorted(digests)
         found: dict[str, bytes] = {}
         for i in range(0, len(wanted), _BLOB_QUERY_BATCH):
-            for digest, data in t.conn.execute(
-                sa.select(blobs.c.digest, blobs.c.data).where(
-                    blobs.c.digest.in_(wanted[i : i + _BLOB_QUERY_BATCH]),
-                    blobs.c.size <= INLINE_REQUIRE_MAX,
-                )
+            batch = wanted[i : i + _BLOB_QUERY_BATCH]
+            for digest, data in t.cur.execute(
+                sql.small_blobs(len(batch)), [*batch, INLINE_REQUIRE_MAX]
             ):
                 found[digest] = bytes(data)
         return found
 
     def _insert_blobs(self, t: _Tx, found: dict[str, bytes]) -> None:
-        """Store verified blobs in the caller's transaction; known ones are left as they are."""
-        rows = [
-            {"digest": d, "size": len(data), "data": data, "created_at": t.now}
-            for d, data in found.items()
-        ]
-        if self._is_pg:
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-        stmt: Any = insert(blobs)
-        # Known ones are left as they are, unless stale: then the completion that
-        # references them refreshes their grace (a collector may be looking at them).
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[blobs.c.digest],
-            set_={"created_at": stmt.excluded.created_at},
-            where=blobs.c.created_at < t.now - timedelta(seconds=BLOB_TOUCH_AFTER_S),
-        )
-        t.conn.execute(stmt, rows)
+        """Store verified blobs in the caller's transaction; known ones are left as they are.
+
+        Unless stale: then the completion that references them refreshes their
+        grace (a collector may be looking at them).
+        """
+        if not found:
+            return
+        sql = self._sql
+        stale_before = sql.ts(t.now - timedelta(seconds=BLOB_TOUCH_AFTER_S))
+        items = sorted(found.items())  # one lock order for concurrent writers (PostgreSQL)
+        for i in range(0, len(items), _BLOB_QUERY_BATCH):
+            sql.insert_blobs(t.cur, t.at, stale_before, items[i : i + _BLOB_QUERY_BATCH])
 
     def missing_blobs(self, digests: Sequence[str]) -> list[str]:
         """Those of ``digests`` the store lacks; the others' grace is refreshed if stale.

@@ -256,6 +256,38 @@ class HotSql:
             )
         return sql
 
+    def small_blobs(self, n: int) -> str:
+        """The digest and bytes of those of ``n`` digests no larger than a size (params: digests, size)."""
+        key = ("small_blobs", n)
+        sql = self._sql_cache.get(key)
+        if sql is None:
+            m = "%s" if self.is_pg else "?"
+            sql = self._sql_cache[key] = (
+                f"SELECT digest, data FROM blobs WHERE digest IN ({self._marks(n)}) AND size <= {m}"
+            )
+        return sql
+
+    def insert_blobs(
+        self, cur: Any, at: Any, stale_before: Any, rows: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Store ``(digest, data)`` rows; a known one only has a stale ``created_at`` refreshed."""
+        m = "%s" if self.is_pg else "?"
+        conflict = (
+            "ON CONFLICT (digest) DO UPDATE SET created_at = excluded.created_at "
+            f"WHERE blobs.created_at < {m}"
+        )
+        head = "INSERT INTO blobs (digest, size, created_at, data) VALUES "
+        row = f"({m}, {m}, {m}, {m})"
+        if not self.is_pg:
+            sql = self._multi("insert_blobs", 1, lambda _n: f"{head}{row} {conflict}")
+            cur.executemany(sql, [(d, len(b), at, b, stale_before) for d, b in rows])
+            return
+        sql = self._multi(
+            "insert_blobs", len(rows), lambda n: f"{head}{', '.join([row] * n)} {conflict}"
+        )
+        flat: list[Any] = [v for d, b in rows for v in (d, len(b), at, b)]
+        cur.execute(sql, [*flat, stale_before])
+
     # ----------------------------------------------------------- values
 
     def ts(self, dt: datetime | None) -> Any:
