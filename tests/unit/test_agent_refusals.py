@@ -18,7 +18,8 @@ from test_agent_daemon import FakeMaster, Running, make_config
 
 from herder.agent.daemon import Agent, run_agent
 from herder.agent.delivery import completion_problem
-from herder.agent.executor import ExecSpec, Executor
+from herder.agent.execspec import ExecSpec
+from herder.agent.executor import Executor
 from herder.agent.journal import Journal, JournalEntry
 from herder.agent.outputs import collect
 from herder.api_models import (

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from herder.agent import procs
-from herder.agent.executor import ExecSpec, Executor
+from herder.agent.execspec import ExecSpec
+from herder.agent.executor import Executor
 from herder.agent.watch import oom_counters
 
 PY = sys.executable

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from herder.agent.executor import BlobCache, ExecSpec, Executor, direct_argv
+from herder.agent.execspec import ExecSpec
+from herder.agent.executor import BlobCache, Executor, direct_argv
 from herder.agent.procs import group_alive
 from herder.api_models import RequiredFile
 from herder.paths import UnsafePath

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from herder.agent.daemon import Agent, AgentConfig, run_agent
-from herder.agent.executor import (
-    BlobCache,
-    ExecResult,
-    ExecSpec,
-    Execution,
-    Executor,
-    StagingError,
-)
+from herder.agent.execspec import ExecResult, ExecSpec
+from herder.agent.executor import BlobCache, Execution, Executor, StagingError
 
 __all__ = [
     "Agent",

@@ -53,7 +53,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from herder.agent.executor import ExecSpec, Executor
+from herder.agent.execspec import ExecSpec
+from herder.agent.executor import Executor
 from herder.agent.jsonhttp import HttpError as _Error
 from herder.agent.jsonhttp import JsonHandler, JsonServer
 from herder.agent.talkback import parse_bind

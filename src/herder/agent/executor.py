@@ -34,11 +34,11 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from herder.agent import procs
+from herder.agent.execspec import ExecResult, ExecSpec
 from herder.agent.files import (
     BlobCache,
     FetchBlob,
@@ -61,11 +61,11 @@ from herder.agent.launch import (
 from herder.agent.outputs import Snapshot, collect, snapshot
 from herder.agent.sandboxes import SANDBOX_PREFIX, SPARE_PREFIX, SandboxPool
 from herder.agent.watch import DEFAULT_RAM_TOLERANCE, DEFAULT_WATCH_INTERVAL_S, Watcher, WatchState
-from herder.api_models import LogChunk, Outcome, OutputFile, RequiredFile
+from herder.api_models import LogChunk, Outcome, RequiredFile
 from herder.paths import UnsafePath, resolve_inside
 
 if TYPE_CHECKING:
-    from herder.api_models import Offer
+    pass
 
 log = logging.getLogger("herder.agent")
 
@@ -73,55 +73,6 @@ Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 # ------------------------------------------------------------------ execution
-
-
-@dataclass
-class ExecSpec:
-    """What to run: the executor's view of an offer."""
-
-    attempt_id: int
-    command: str | list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    requires: list[RequiredFile] = field(default_factory=list)
-    outputs: list[str] | None = None
-    timeout_s: float | None = None
-    task_id: int | None = None
-    job_id: int | None = None
-    ram_mb: int = 0  # killed past this RSS (herder.agent.watch); 0: no limit
-    progress_pattern: str | None = None
-    stuck_timeout_s: float | None = None
-
-    @classmethod
-    def from_offer(cls, offer: Offer) -> ExecSpec:
-        return cls(
-            attempt_id=offer.attempt_id,
-            command=offer.command,
-            env=dict(offer.env),
-            requires=list(offer.requires),
-            outputs=offer.outputs,
-            timeout_s=offer.timeout_s,
-            task_id=offer.task_id,
-            job_id=offer.job_id,
-            ram_mb=offer.ram_mb,
-            progress_pattern=offer.progress_pattern,
-            stuck_timeout_s=offer.stuck_timeout_s,
-        )
-
-
-@dataclass
-class ExecResult:
-    outcome: Outcome
-    exit_code: int | None = None
-    error: str | None = None
-    outputs: list[tuple[OutputFile, Path]] = field(default_factory=list)
-    duration_s: float = 0.0
-    outputs_failed: bool = False  # ``error`` says why the outputs cannot be brought back
-    peak_rss_mb: int | None = None  # the highest RSS of the group the watch saw
-    progress: float | None = None  # the latest progress its output reported
-
-    @property
-    def output_files(self) -> list[OutputFile]:
-        return [of for of, _ in self.outputs]
 
 
 class Execution:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
-from herder.agent.executor import ExecResult, ExecSpec, Execution, StagingError
+from herder.agent.execspec import ExecResult, ExecSpec
+from herder.agent.executor import Execution, StagingError
 from herder.agent.state import (
     LOG_BATCH,
     AgentCore,

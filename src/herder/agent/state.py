@@ -33,7 +33,8 @@ from herder.api_models import (
 )
 
 if TYPE_CHECKING:
-    from herder.agent.executor import ExecResult, Execution, Executor
+    from herder.agent.execspec import ExecResult
+    from herder.agent.executor import Execution, Executor
     from herder.agent.journal import Journal
 
 ERROR_MAX = 10_000
