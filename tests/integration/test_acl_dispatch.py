@@ -220,8 +220,11 @@ def test_acl_rejected_task_never_reaches_a_running_agent(db_url: str, tmp_path: 
     with farm(db_url, tmp_path) as f, httpx.Client(timeout=10) as c:
         proc = f.agent("a1", "--slots", "1", "--claim-ahead", "0")
         agent_id = f.agent_id(c, "a1")
-        # The agent's one slot is busy with alice's task while bob's job is queued.
-        busy = c.post(f"{f.api}/jobs", json=job("busy", "alice", "render", ["sleep 3"])).json()
+        # The agent's one slot is busy with alice's task while bob's job is queued:
+        # the task holds it until the test lets it go, however slow the machine.
+        release = tmp_path / "release"
+        hold = f"while [ ! -e {release} ]; do sleep 0.05; done"
+        busy = c.post(f"{f.api}/jobs", json=job("busy", "alice", "render", [hold])).json()
         wait_for(
             lambda: c.get(f"{f.api}/jobs/{busy['id']}").json()["state"] == "running",
             30,
@@ -235,6 +238,7 @@ def test_acl_rejected_task_never_reaches_a_running_agent(db_url: str, tmp_path: 
             t["state"] for t in c.get(f"{f.api}/jobs/{bob['id']}").json()["stages"][0]["tasks"]
         } == {"queued"}
         # The agent's next claim (when its slot frees) rejects bob's tasks.
+        release.touch()
         assert wait_job(c, f, busy["id"])["state"] == "succeeded"
         done = wait_job(c, f, bob["id"])
         assert done["state"] == "failed"
