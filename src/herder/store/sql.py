@@ -258,14 +258,14 @@ class HotSql:
 
     def small_blobs(self, n: int) -> str:
         """The digest and bytes of those of ``n`` digests no larger than a size (params: digests, size)."""
-        key = ("small_blobs", n)
-        sql = self._sql_cache.get(key)
-        if sql is None:
-            m = "%s" if self.is_pg else "?"
-            sql = self._sql_cache[key] = (
+        m = "%s" if self.is_pg else "?"
+        return self._multi(
+            "small_blobs",
+            n,
+            lambda n: (
                 f"SELECT digest, data FROM blobs WHERE digest IN ({self._marks(n)}) AND size <= {m}"
-            )
-        return sql
+            ),
+        )
 
     def insert_blobs(
         self, cur: Any, at: Any, stale_before: Any, rows: Sequence[tuple[str, bytes]]
