@@ -107,6 +107,16 @@ def start_agent(farm: LocalFarm, policy: str) -> Proc:
     )
 
 
+def wait_registered(farm: LocalFarm, agent: Proc) -> None:
+    """The agent has its registration's answer, not just a row in the directory.
+
+    Killing the master between the row's commit and the answer leaves an orphan
+    row, and the agent registers again under a new id once it is autonomous.
+    """
+    farm.wait_agents(1)
+    wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
+
+
 def run_autonomous_phase(farm: LocalFarm, agent: Proc, store: Store) -> int:
     """Submit while the master is up, kill -9 it, let the agent finish from the database."""
     with HerderClient(farm.url, timeout=5) as c:
@@ -137,7 +147,7 @@ def test_autonomous_then_back_by_policy(farm: LocalFarm, policy: str) -> None:
     assert farm.db_url is not None
     farm.start_master()
     agent = start_agent(farm, policy)
-    farm.wait_agents(1)
+    wait_registered(farm, agent)
     store = Store.open(farm.db_url, migrate=False)
     try:
         run_autonomous_phase(farm, agent, store)
@@ -167,7 +177,7 @@ def test_autonomous_never_until_told(farm: LocalFarm) -> None:
     assert farm.db_url is not None
     farm.start_master()
     agent = start_agent(farm, "never")
-    farm.wait_agents(1)
+    wait_registered(farm, agent)
     store = Store.open(farm.db_url, migrate=False)
     try:
         run_autonomous_phase(farm, agent, store)
@@ -221,7 +231,7 @@ def test_sigusr1_requests_master_mode(farm: LocalFarm) -> None:
     assert farm.db_url is not None
     farm.start_master()
     agent = start_agent(farm, "never")
-    farm.wait_agents(1)
+    wait_registered(farm, agent)
     assert farm.master is not None
     farm.master.kill9()
     wait_for(

@@ -76,6 +76,8 @@ def test_backoff_grows_to_cap_then_resumes(farm: LocalFarm) -> None:
     farm.start_master()
     agent = farm.start_agent(2, name="b", extra=["--backoff-max", "2"])
     farm.wait_agents(1)
+    # The row can commit before its answer reaches the agent: kill after the answer.
+    wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
     assert farm.master is not None
     farm.master.kill9()
     # Rounds: ceilings 0.25, 0.5, 1, 2, 2, ... (≈ 1 s per round at the cap).
