@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from herder.localfarm import free_port
+from herder.localfarm import LocalFarm, Proc, free_port
 
 
 def wait_for(
@@ -29,6 +29,17 @@ def wait_for(
             return value
         time.sleep(poll_s)
     raise AssertionError(f"{what}: not within {timeout}s\n{logs()[-6000:]}")
+
+
+def wait_registered(farm: LocalFarm, agent: Proc, count: int = 1) -> None:
+    """``agent`` has its registration's answer, not just a row in the directory.
+
+    Killing the master between the row's commit and the answer leaves an orphan
+    row, and the agent registers again under a new id once it is autonomous:
+    a test that kills the master reads the agent's id only after this.
+    """
+    farm.wait_agents(count)
+    wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
 
 
 def timed_wait(pred: Callable[[], bool], timeout: float, what: str) -> float:

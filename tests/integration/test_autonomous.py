@@ -31,7 +31,7 @@ from herder.api_models import JobSubmit, JobView, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm, Proc
 from herder.store import Store
-from waiting import wait_for
+from waiting import wait_for, wait_registered
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 
@@ -105,16 +105,6 @@ def start_agent(farm: LocalFarm, policy: str) -> Proc:
             TOKEN,
         ],
     )
-
-
-def wait_registered(farm: LocalFarm, agent: Proc) -> None:
-    """The agent has its registration's answer, not just a row in the directory.
-
-    Killing the master between the row's commit and the answer leaves an orphan
-    row, and the agent registers again under a new id once it is autonomous.
-    """
-    farm.wait_agents(1)
-    wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
 
 
 def run_autonomous_phase(farm: LocalFarm, agent: Proc, store: Store) -> int:

@@ -19,7 +19,7 @@ from herder.api_models import JobSubmit, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm, Proc
 from herder.store import Store
-from waiting import wait_for
+from waiting import wait_for, wait_registered
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -50,7 +50,7 @@ def test_autonomous_agent_reaps_a_dead_agents_lease(farm: LocalFarm, tmp_path: P
     assert farm.db_url is not None
     farm.start_master()
     victim = farm.start_agent(1, name="victim")
-    farm.wait_agents(1)
+    wait_registered(farm, victim)
     store = Store.open(farm.db_url, migrate=False)
     try:
         mark = tmp_path / "first-attempt-ran"
@@ -77,7 +77,7 @@ def test_autonomous_agent_reaps_a_dead_agents_lease(farm: LocalFarm, tmp_path: P
             name="auto",
             extra=["--self-assign", "--db", farm.db_url, "--backoff-max", "1"],
         )
-        farm.wait_agents(2)
+        wait_registered(farm, auto, 2)
         auto_id = agent_id(store, "auto")
         assert farm.master is not None
         farm.master.kill9()

@@ -25,7 +25,7 @@ from herder.api_models import JobSubmit, StageSpec, TaskSpec
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm
 from herder.store import Store
-from waiting import wait_for
+from waiting import wait_for, wait_registered
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(90)]
 
@@ -75,9 +75,7 @@ def test_backoff_grows_to_cap_then_resumes(farm: LocalFarm) -> None:
     assert farm.db_url is not None
     farm.start_master()
     agent = farm.start_agent(2, name="b", extra=["--backoff-max", "2"])
-    farm.wait_agents(1)
-    # The row can commit before its answer reaches the agent: kill after the answer.
-    wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
+    wait_registered(farm, agent)
     assert farm.master is not None
     farm.master.kill9()
     # Rounds: ceilings 0.25, 0.5, 1, 2, 2, ... (≈ 1 s per round at the cap).

@@ -224,10 +224,15 @@ def test_failed_task_stops_its_job_at_once_and_the_idle_farm_writes_nothing(
             # Three sleepers ran (one file each); a fourth may have been offered
             # ahead of a free slot (claim-ahead) without starting.
             assert len(list(started.iterdir())) == 3
-            offered = [t for t in tasks[1:] if t.attempts]
-            assert len(offered) >= 3
-            for t in offered:  # ...cancelled with their attempts, never retried
-                assert [a.state for a in t.attempts] == ["cancelled"]
+            offered = [[a.state for a in t.attempts] for t in tasks[1:] if t.attempts]
+            assert len(offered) >= 3, offered
+            # The three that ran were cancelled with their attempts, and nothing was
+            # retried. An offer claimed ahead may have been handed back ("released":
+            # the window closes once tasks prove long) before the job failed.
+            assert sum(states.count("cancelled") for states in offered) >= 3, offered
+            for states in offered:
+                assert set(states) <= {"cancelled", "released"}, offered
+                assert states.count("cancelled") <= 1, offered
 
         # Nothing is pending on the agents any more (no attempt, no delivery).
         views = agent_views(farm.url)

@@ -753,11 +753,14 @@ def test_long_task_is_journaled_before_its_first_delivery(
 
 
 def test_drain_order_finishes_running_tasks_and_exits(
-    start: Callable[..., tuple[FakeMaster, Running]],
+    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]]
 ) -> None:
     fake, run = start(slots=2, drain_timeout_s=0.1)
-    fake.add("sleep 0.8; echo done > r")
-    fake.wait_for(lambda: bool(fake.outstanding))
+    began = tmp_path / "began"
+    fake.add(f"touch {began}; sleep 0.8; echo done > r")
+    # Running, not merely claimed: an offer no slot has taken yet is handed
+    # back by a drain, which is right but not what this test is about.
+    fake.wait_for(began.exists)
     with fake.lock:
         fake.drain = True
         n_claims = len(fake.claims)
