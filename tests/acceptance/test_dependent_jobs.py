@@ -127,5 +127,7 @@ def test_dependent_job_runs_after_its_parent_through_the_cli(
         offered = [
             e.task_id for e in client.job_events(frames) if e.kind == "task.offer" and e.task_id
         ]
-        names = [client.get_task(t).name for t in offered]
+        # First offers only: a frame slow enough on a loaded machine closes the
+        # claim-ahead window, and the frames claimed ahead are released and offered again.
+        names = [client.get_task(t).name for t in dict.fromkeys(offered)]
         assert names == [f"render[{f}]" for f in (1, 9, 5, 3, 7, 2, 4, 6, 8)]

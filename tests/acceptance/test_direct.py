@@ -41,7 +41,7 @@ def herder(
 class DirectAgent:
     def __init__(self, tmp: Path, host: str, port: int, *extra: str) -> None:
         self.addr = f"{host}:{port}"
-        state = tmp / f"agent-{host}-{port}"
+        self.state = state = tmp / f"agent-{host}-{port}"
         state.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "herder", "agent", "--direct-listen", self.addr]
         argv += ["--slots", "1", "--state-dir", str(state), "--drain-timeout", "1", *extra]
@@ -81,11 +81,31 @@ def agents(tmp_path: Path) -> Iterator[list[DirectAgent]]:
 
 
 def sleepers(n: int, hosts: list[DirectAgent]) -> str:
-    """A Rakefile of ``n`` one-second remote actions, each writing its own output."""
+    """A Rakefile of ``n`` one-second remote actions, each writing its own output.
+
+    Each also brings back when it ran (``ran{i}.txt``: start and end, epoch
+    seconds) and where (``where{i}.txt``: its sandbox, under its agent's state dir).
+    """
     lines = ["HOSTS = " + " ".join(a.addr for a in hosts), "", "sleep:"]
     for i in range(n):
-        lines.append(f"\tremote-sleep 1; echo {i} > out{i}.txt")
+        lines.append(
+            f"\tremote-date +%s.%N > ran{i}.txt; pwd > where{i}.txt; sleep 1; "
+            f"echo {i} > out{i}.txt; date +%s.%N >> ran{i}.txt"
+        )
     return "\n".join(lines) + "\n"
+
+
+def most_at_once(work: Path, n: int) -> int:
+    """The most actions of ``sleepers(n)`` that were running at the same instant."""
+    edges = []
+    for i in range(n):
+        start, end = map(float, (work / f"ran{i}.txt").read_text().split())
+        edges += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _at, step in sorted(edges):  # an end sorts first: touching is not overlapping
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 @pytest.mark.timeout(90)
@@ -102,7 +122,10 @@ def test_thirty_one_second_actions_spread_over_three_agents(
     counts = [a.cost()["executed"] for a in agents]
     assert sum(counts) == 30, counts
     assert all(7 <= c <= 13 for c in counts), counts
-    assert 10 <= elapsed < 16, elapsed  # about 10 s, not 30
+    # The three agents ran side by side. The wall clock only shows it was not
+    # serial (30 s): start-up and per-action overhead stretch a loaded machine.
+    assert most_at_once(work, 30) == 3
+    assert 10 <= elapsed < 25, elapsed
     for i in range(30):
         assert (work / f"out{i}.txt").read_text() == f"{i}\n"
 
@@ -126,17 +149,19 @@ def test_agent_killed_mid_run_build_still_succeeds(
     )
     victim = agents[1]
     # Killed while it runs its second action: that action must be sent elsewhere.
-    state = wait_for(
-        lambda: (c := victim.cost())["executed"] >= 1 and c["running"] == 1 and c, 30, "busy"
-    )
+    wait_for(lambda: (c := victim.cost())["executed"] >= 1 and c["running"] == 1, 30, "busy")
     victim.proc.kill9()
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, out + err
     for i in range(15):
         assert (work / f"out{i}.txt").read_text() == f"{i}\n"
     # The action the victim was running never answered: it was run again elsewhere.
+    # What the victim answered is counted from the outputs the client kept, not
+    # from its count before the kill: that count includes an action whose answer
+    # is not sent yet, and misses one answered between the look and the kill.
+    answered = sum(victim.state.name in (work / f"where{i}.txt").read_text() for i in range(15))
     survivors = sum(a.cost()["executed"] for a in (agents[0], agents[2]))
-    assert survivors == 15 - state["executed"], (survivors, state)
+    assert survivors == 15 - answered, (survivors, answered)
 
 
 def test_sum_of_squares_direct_from_rakefile_hosts(

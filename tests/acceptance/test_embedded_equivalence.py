@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from herder.localfarm import LocalFarm
 from herder.store import Store
 
@@ -82,8 +84,13 @@ def _history(db_url: str) -> dict[tuple[str, str | None], list[tuple[str, str | 
 
 
 def test_embedded_and_networked_farms_build_the_same_with_the_same_history(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # No claim-ahead in either farm (the embedded agent's AgentConfig and the
+    # agent process's --claim-ahead both read it): a compile that runs past the
+    # window's threshold on a loaded machine would close it, and the offers
+    # queued ahead would be released and offered again in one history only.
+    monkeypatch.setenv("HERDER_CLAIM_AHEAD", "0")
     embedded = tmp_path / "embedded"
     networked = tmp_path / "networked"
     for d in (embedded, networked):

@@ -151,11 +151,13 @@ def test_pause_kill_stops_the_process_and_requeues_without_a_failure(farm: Local
     with Client(farm.url) as client:
         job = submit(client, 2, "sleep 30", max_attempts=1)
         (proc,) = wait_for(lambda: _sleepers(agent_pid), 30, "the task's process runs")
+        born = proc.create_time()
         r = herder(farm, "pause", str(job.id), "--kill")
         assert r.returncode == 0, r.stderr
-        t0 = time.monotonic()
-        proc.wait(timeout=5)
-        assert time.monotonic() - t0 < 3.0  # at once, not after its 30 s (margin: a loaded machine)
+        # Killed, not run out: talkback pushes the kill at once, but only once;
+        # if that push is lost the next heartbeat (every 10 s) carries it.
+        proc.wait(timeout=20)
+        assert time.time() - born < 25, "the sleep ran out its 30 s"
         view = client.get_job(job.id)
         assert view.state == "paused" and view.counts == {"queued": 2}
         assert all(t.failures == 0 for s in view.stages for t in s.tasks)

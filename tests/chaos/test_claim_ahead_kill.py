@@ -11,8 +11,8 @@ succeeded exactly once, with the right output bytes, along a legal path of
 events, no completion accepted from a non-current attempt.
 
 That the kill did hit claimed-ahead offers is checked from the outcome, not
-assumed: A's attempts cut by the kill (not succeeded) must outnumber its
-slots, since at most ``slots`` of them were running.
+assumed: A's attempts cut by the kill (neither succeeded nor released) must
+outnumber its slots, since at most ``slots`` of them were running.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_an_agent_killed_with_claimed_ahead_offers_loses_none(
                     {
                         "name": "s",
                         "tasks": [
-                            {"name": f"t{i}", "command": f"sleep 0.1 && echo {i} > out.txt"}
+                            {"name": f"t{i}", "command": f"sleep 0.05 && echo {i} > out.txt"}
                             for i in range(N_TASKS)
                         ],
                     }
@@ -74,7 +74,7 @@ def test_an_agent_killed_with_claimed_ahead_offers_loses_none(
         job_id = client.submit_job(spec).id
 
         # The window opens once A's recent tasks are short; then it holds more
-        # than it runs. (The job lasts about 6 s on A alone.)
+        # than it runs. (The job lasts about 3 s on A alone.)
         def beyond_slots() -> int | None:
             n = held_by(client, job_id, a_id)
             return n if n > SLOTS + 1 else None
@@ -97,11 +97,13 @@ def test_an_agent_killed_with_claimed_ahead_offers_loses_none(
         {t.id: {"out.txt": f"{t.name[1:]}\n".encode()} for t in tasks},
         lambda digest: _blob(cf.url, digest),
     )
+    # An attempt A released before the kill (its window closed under load) was
+    # not cut: its task was requeued while A lived, and A may have run it.
     cut = [
         (t.id, a)
         for t in tasks
         for a in t.attempts
-        if a.agent_id == a_id and a.state != "succeeded"
+        if a.agent_id == a_id and a.state not in ("succeeded", "released")
     ]
     if len(cut) <= SLOTS:
         summary.violations.append(

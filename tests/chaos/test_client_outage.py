@@ -259,13 +259,17 @@ def test_submit_wait_and_logs_follow_ride_a_master_restart(
     cf = make_farm(lease_s=10.0, ack_timeout_s=10.0, log_level="warning")
     cf.start_agent("w0", slots=2)
     cf.farm.wait_agents(1)
+    # The tasks finish only once the master is back: the job must still run
+    # at the kill, however long the clients took to start following it.
+    gate = tmp_path / "gate"
+    wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"
     spec = {
         "name": "ride",
         "stages": [
             {
                 "name": "s",
                 "tasks": [
-                    {"name": f"t{i}", "command": f"echo start-{i}; sleep 2; echo done-{i}"}
+                    {"name": f"t{i}", "command": f"echo start-{i}; {wait_gate}; echo done-{i}"}
                     for i in range(4)
                 ],
             }
@@ -306,6 +310,7 @@ def test_submit_wait_and_logs_follow_ride_a_master_restart(
                 f"`herder {name}` to announce the outage",
             )
         cf.start_master()
+        gate.touch()
         rcs = [p.wait(timeout=60) for p in procs]
     finally:
         for p in procs:

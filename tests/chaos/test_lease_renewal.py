@@ -6,6 +6,10 @@ computed its first wait from the default lease (30 s → 10 s) before that.
 With a master lease of 2 s, a task longer than the lease that started right
 after the agent lost its lease before the first heartbeat, was requeued and
 ran again.
+
+Here the lease is 5 s (heartbeats every 1.7 s: a loaded machine's stall does
+not outlast it) and the task, submitted before the agent starts, runs 12 s,
+past that first wait of 10 s: the bug would still lose the lease about 5 s in.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ from herder.localfarm import LocalFarm
 def test_first_heartbeat_comes_within_the_masters_lease(tmp_path: Path) -> None:
     started = time.monotonic()
     cf = ChaosFarm(
-        LocalFarm(workdir=tmp_path / "farm", lease_s=2.0, ack_timeout_s=2.0, log_level="info")
+        LocalFarm(workdir=tmp_path / "farm", lease_s=5.0, ack_timeout_s=5.0, log_level="info")
     )
     try:
         cf.start_master()
-        cf.start_agent("a", slots=1)
-        cf.farm.wait_agents(1)
         with HerderClient(cf.url, timeout=10) as client:
             spec = JobSubmit.model_validate(
-                {"name": "long", "stages": [{"name": "s", "tasks": [{"command": "sleep 6"}]}]}
+                {"name": "long", "stages": [{"name": "s", "tasks": [{"command": "sleep 12"}]}]}
             )
-            job = wait_job(client, client.submit_job(spec).id, timeout=60)
+            job_id = client.submit_job(spec).id
+            # Waiting already: the agent's first claim takes it, as early as the
+            # bug's first heartbeat could be late, however slowly the agent starts.
+            cf.start_agent("a", slots=1)
+            cf.farm.wait_agents(1)
+            job = wait_job(client, job_id, timeout=60)
             events = fetch_events(client, job.id)
     finally:
         cf.stop()
@@ -57,5 +64,5 @@ def test_first_heartbeat_comes_within_the_masters_lease(tmp_path: Path) -> None:
         )
     )
     assert job.state == "succeeded"
-    assert requeues == [], f"a 6 s task under a 2 s lease lost its lease: {requeues}"
+    assert requeues == [], f"a 12 s task under a 5 s lease lost its lease: {requeues}"
     assert len(task.attempts) == 1

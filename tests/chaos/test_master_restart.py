@@ -5,9 +5,11 @@ test, through ``HerderClient``) claims 4 more and acknowledges only 2, so at
 the kill there are unacknowledged offers (the fake's 2), running leases
 nobody renews (the fake's 2), running leases R renews (R's 3; on a very slow
 machine one may still be an unacknowledged offer, and is then expected back
-as one) and 1 queued task. The master is killed with SIGKILL and restarted
-only after every ack deadline and lease has passed. On start, before serving
-any claim, it must requeue:
+as one, or as a lease if its ack reached the master just before the kill)
+and 1 queued task. R's tasks wait on a file the test creates only after the
+kill, so they still run then, however slow the machine. The master is killed
+with SIGKILL and restarted only after every ack deadline and lease has
+passed. On start, before serving any claim, it must requeue:
 
 * the unacknowledged offers (``task.offer_expired``, "offer not
   acknowledged in time"),
@@ -38,8 +40,10 @@ from herder.api_models import AgentRegister, ClaimRequest, Completion, JobSubmit
 from herder.client import HerderClient, StaleAttemptError
 
 N_TASKS = 8
-LEASE_S = 3.0
-ACK_S = 3.0
+# Long enough that a loaded machine kills the master before the fake's offers
+# and leases run out (the fake acks, the test looks at R's states, then kills).
+LEASE_S = 6.0
+ACK_S = 6.0
 
 
 @pytest.mark.slow
@@ -69,10 +73,10 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
                         "tasks": [
                             {
                                 "name": f"t{i}",
-                                # Slow before the restart (R's tasks must still run at the
-                                # kill), fast after it (the re-runs).
+                                # Held until after the kill (R's tasks must still run
+                                # then), fast after the restart (the re-runs).
                                 "command": (
-                                    f"if [ -e {fast} ]; then sleep 0.2; else sleep 2.5; fi && "
+                                    f"while [ ! -e {fast} ]; do sleep 0.05; done && "
                                     f"tr a-z A-Z < in/{i}.txt > out{i}.txt"
                                 ),
                                 "requires": [{"path": f"in/{i}.txt", "digest": sha(inputs[i])}],
@@ -188,17 +192,20 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
     after = [e for e in events if e.id > last_before]
     post_offers = [e.id for e in after if e.kind == "task.offer"]
     first_offer = min(post_offers) if post_offers else None
-    want = {
-        **{o.attempt_id: ("task.offer_expired", "offer not acknowledged in time") for o in unacked},
-        **{o.attempt_id: ("task.lease_expired", "lease expired") for o in acked},
+    offer_expired = ("task.offer_expired", "offer not acknowledged in time")
+    lease_expired = ("task.lease_expired", "lease expired")
+    want: dict[int, list[tuple[str, str]]] = {
+        **{o.attempt_id: [offer_expired] for o in unacked},
+        **{o.attempt_id: [lease_expired] for o in acked},
+        # An R attempt last seen offered may have been acknowledged between
+        # that look and the kill: then its lease expired instead.
         **{
-            aid: ("task.lease_expired", "lease expired")
-            if state == "running"
-            else ("task.offer_expired", "offer not acknowledged in time")
+            aid: [lease_expired] if state == "running" else [offer_expired, lease_expired]
             for aid, state in r_at_kill.items()
         },
     }
-    for aid, (kind, reason) in want.items():
+    for aid, kinds in want.items():
+        kind = " or ".join(k for k, _r in kinds)
         evs = [
             e
             for e in events
@@ -208,9 +215,9 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
             summary.violations.append(f"attempt {aid}: {len(evs)} requeue events, want 1 {kind}")
             continue
         e = evs[0]
-        if (e.kind, e.reason) != (kind, reason):
+        if (e.kind, e.reason) not in kinds:
             summary.violations.append(
-                f"attempt {aid}: requeued by {e.kind} ({e.reason!r}), want {kind} ({reason!r})"
+                f"attempt {aid}: requeued by {e.kind} ({e.reason!r}), want {kinds}"
             )
         if e.id <= last_before:
             summary.violations.append(f"attempt {aid}: requeued before the kill (event {e.id})")

@@ -19,7 +19,9 @@ from herder.api_models import JobSubmit, JobView, TaskView
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm
 
-COMMAND = "sleep 2; echo attempt-$HERDER_ATTEMPT_ID > out.txt"
+# The task runs until the test opens its gate, after the master is killed: its
+# completion always meets a dead master (a fixed sleep could end before the kill).
+COMMAND = "while [ ! -e {gate} ]; do sleep 0.05; done; echo attempt-$HERDER_ATTEMPT_ID > out.txt"
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -36,9 +38,10 @@ def _journal(state: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
-def _job(c: HerderClient) -> JobView:
+def _job(c: HerderClient, gate: Path) -> JobView:
+    command = COMMAND.format(gate=gate)
     spec = JobSubmit.model_validate(
-        {"name": "j", "stages": [{"name": "s", "tasks": [{"command": COMMAND}]}]}
+        {"name": "j", "stages": [{"name": "s", "tasks": [{"command": command}]}]}
     )
     return c.submit_job(spec)
 
@@ -61,16 +64,20 @@ def make_farm(tmp_path: Path) -> Iterator[Callable[[float], LocalFarm]]:
         f.close()
 
 
-def _run_until_journaled(farm: LocalFarm, c: HerderClient, state: Path) -> tuple[int, int]:
+def _run_until_journaled(
+    farm: LocalFarm, c: HerderClient, state: Path, extra: list[str] | None = None
+) -> tuple[int, int]:
     """Start agent a1, let it run the task, kill the master mid-task; returns (job, attempt)."""
-    farm.start_agent(slots=1, name="a1", state_dir=state)
+    farm.start_agent(slots=1, name="a1", state_dir=state, extra=extra)
     farm.wait_agents(1)
-    job = _job(c)
+    gate = state.parent / f"{state.name}.gate"
+    job = _job(c, gate)
     # running = acknowledged: from here only an expired lease takes it away
     _wait(lambda: _task(c, job.id).state == "running", 20, "the task to run")
     (attempt,) = c.get_job(job.id).stages[0].tasks[0].attempts
     assert farm.master is not None
     farm.master.kill9()
+    gate.touch()
     _wait(lambda: _journal(state) == [f"a{attempt.id}.json"], 20, "the journal entry")
     return job.id, attempt.id
 
@@ -111,7 +118,8 @@ def test_running_agent_delivers_its_journal_when_the_master_returns(
     state = tmp_path / "state-a1"
     farm.start_master()
     with HerderClient(farm.url, timeout=5) as c:
-        job_id, attempt_id = _run_until_journaled(farm, c, state)
+        # A short backoff cap: the agent finds the restarted master well within the lease.
+        job_id, attempt_id = _run_until_journaled(farm, c, state, ["--backoff-max", "2"])
         time.sleep(1.0)  # a few failed deliveries
         farm.start_master()
         _wait(lambda: c.get_job(job_id).state == "succeeded", 40, "the job to succeed")
@@ -124,7 +132,9 @@ def test_running_agent_delivers_its_journal_when_the_master_returns(
 def test_journaled_completion_for_reassigned_task_is_dropped(
     make_farm: Callable[[float], LocalFarm], tmp_path: Path
 ) -> None:
-    farm = make_farm(3.0)  # the lease expires while a1 is dead
+    # The lease expires while a1 is dead (6 s: a loaded machine's stall in a1
+    # before the kill must not cost it the task).
+    farm = make_farm(6.0)
     state = tmp_path / "state-a1"
     farm.start_master()
     with HerderClient(farm.url, timeout=5) as c:

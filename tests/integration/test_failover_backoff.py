@@ -87,9 +87,11 @@ def test_backoff_grows_to_cap_then_resumes(farm: LocalFarm) -> None:
     for wait, ceiling, _, _ in got:
         assert 0.0 <= wait <= ceiling + 1e-9, got
     # The next round starts only once the previous wait is over (one shared round).
+    # Log timestamps are taken a little after each round's clock reading: 0.2 s
+    # of slack for a thread descheduled between the two on a loaded machine.
     for (w0, _, _, t0), (_, _, _, t1) in itertools.pairwise(got):
         if t0 == t0 and t1 == t1:  # timestamps parsed
-            assert t1 - t0 >= w0 - 0.05, got
+            assert t1 - t0 >= w0 - 0.2, got
     assert "mode=autonomous" not in agent.log_text()
     assert agent.alive()
 

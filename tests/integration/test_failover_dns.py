@@ -45,8 +45,15 @@ def three_masters(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[list[LocalFarm]
     port = port_free_on(HOSTS)
     db_url = pg.create_database(pg_dsn)
     farms = [
+        # ack_timeout 5 s: an offer whose answer died with m1 comes back in seconds
         LocalFarm(
-            db_url=db_url, host=h, port=port, workdir=tmp_path / h, lease_s=5.0, log_level="info"
+            db_url=db_url,
+            host=h,
+            port=port,
+            workdir=tmp_path / h,
+            lease_s=5.0,
+            ack_timeout_s=5.0,
+            log_level="info",
         )
         for h in HOSTS
     ]

@@ -73,7 +73,11 @@ def test_hundreds_of_long_polls_hold_no_threads_and_wake_on_submit(tmp_path: Pat
             # Exactly three offers went out, each task to one agent only.
             assert len(winners) == 3
             assert len({o["task_id"] for _, offers, _ in winners for o in offers}) == 3
-            # The wake-up, not the 8 s poll timeout, delivered them.
-            assert max(at for _, _, at in winners) - submitted < 2.0
+            # The wake-up, not the 8 s poll timeout, delivered them: every winner
+            # answered before the first loser gave up at its deadline. (300 polls
+            # wake at once and queue a claim each on two loaded cores.)
+            last_winner = max(at for _, _, at in winners)
+            assert last_winner < min(at for _, offers, at in results if not offers)
+            assert last_winner - submitted < 5.0
 
         asyncio.run(scenario())

@@ -39,8 +39,9 @@ CHATTY = "import time\nfor i in range(12):\n    print('tick', i, flush=True); ti
 
 @pytest.fixture
 def farm(db_url: str, tmp_path: Path) -> Iterator[LocalFarm]:
-    # lease 3 s: heartbeats every second (a progress change also sends one early)
-    f = LocalFarm(db_url=db_url, workdir=tmp_path / "farm", lease_s=3.0, log_level="info")
+    # lease 10 s: heartbeats every 3.3 s, outlasting a stalled machine; a progress
+    # change sends one early, and stuck timeouts are the agent's own clock.
+    f = LocalFarm(db_url=db_url, workdir=tmp_path / "farm", lease_s=10.0, log_level="info")
     try:
         f.start_master()
         f.start_agent(slots=3, name="watch")

@@ -59,11 +59,13 @@ def test_failed_task_is_retried_elsewhere_first(db_url: str) -> None:
         # now it failed last on b: a may have it at once
         (o3,) = store.claim(a, 1).offers
         assert store.complete(fail(o3))[0].task_state == "queued"
-        # failed on a, b says nothing: after retry_elsewhere_s a gets it back
+        # failed on a, b says nothing: after retry_elsewhere_s a gets it back.
+        # The store clock is the database's plus the offset, so real time since
+        # the failure counts too: 5 s of slack before the deadline, not 1 s.
         assert store.claim(a, 1).offers == []
-        store.advance_clock(29)
+        store.advance_clock(25)
         assert store.claim(a, 1).offers == []
-        store.advance_clock(2)
+        store.advance_clock(6)
         (o4,) = store.claim(a, 1).offers
         assert o4.task_id == o.task_id
     finally:
@@ -144,9 +146,10 @@ def test_blocklist_after_k_failures_then_forgiven(db_url: str) -> None:
         assert {x.job_id for x in store.claim(b, 10).offers} == {bad.id}
         # forgiven after forgive_s
         bad2, _ = store.submit_job(job(tasks(1), name="bad-later"))
-        store.advance_clock(29)
+        # Real time since the failure counts too (database clock plus offset).
+        store.advance_clock(25)
         assert store.blocklist(bad.id)[0]["blocked"] is True
-        store.advance_clock(2)
+        store.advance_clock(6)
         assert store.blocklist(bad.id)[0]["blocked"] is False
         got = store.claim(a, 10).offers
         assert [x.job_id for x in got] == [bad2.id]
@@ -331,7 +334,9 @@ def test_two_masters_reaping_never_double_requeue(db_url: str) -> None:
     each lost attempt is reaped exactly once (counted in the event log).
     """
     n_tasks = 40
-    ttl = 0.5
+    # The holder renews once half the TTL is gone: a round stalled longer than
+    # TTL/2 (the main thread claims on the same database) would lose it early.
+    ttl = 3.0
     stores = {
         name: make_store(db_url, lease_s=0.3, ack_timeout_s=0.3, infra_budget=100)
         for name in ("m1", "m2")

@@ -177,8 +177,10 @@ def test_wake_from_another_master_cuts_pickup_latency(
     pickups = _pickups(a, b, 8)
     # Without a wake the agent parked on A hears of B's job at A's recheck
     # (1 s ticker: 0.5 s on average); with it, in a few tens of milliseconds.
+    # The median tells a wake from the recheck; the max only bounds outliers
+    # (the first pickup pays cold costs: client, TLS context, connections).
     assert statistics.median(pickups) < 0.25, pickups
-    assert max(pickups) < 0.6, pickups
+    assert max(pickups) < 1.5, pickups
     # Most pickups came through a wake. Not every one needs it: a claim the
     # agent had in flight on A when B queued the job takes it directly.
     assert _metric(b.url, "herder_wakes_sent_total") >= 4

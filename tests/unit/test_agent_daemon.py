@@ -300,7 +300,9 @@ def start(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeMaster, Running]]]
 
 
 def test_runs_tasks_one_round_trip_each(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
-    fake, run = start(slots=2)
+    # A loaded machine can stretch an echo past 0.25 s (the window would close
+    # and hand offers back) or past 0.5 s (its ack would go out on its own).
+    fake, run = start(slots=2, ack_delay_s=10.0, claim_ahead_short_s=5.0)
     for i in range(8):
         fake.add(f"echo out{i} > f{i}.txt")
     fake.wait_for(lambda: len(fake.completions) == 8)
@@ -340,7 +342,7 @@ def test_big_outputs_are_uploaded_not_inlined(
 def test_slots_never_overclaimed_under_load(
     start: Callable[..., tuple[FakeMaster, Running]],
 ) -> None:
-    fake, run = start(slots=3)
+    fake, run = start(slots=3, claim_ahead_short_s=5.0)  # no hand-back on a stalled `true`
     for _ in range(30):
         fake.add("true")
     fake.wait_for(lambda: len(fake.completions) == 30)
@@ -358,7 +360,7 @@ def test_slots_never_overclaimed_under_load(
 def test_claim_ahead_window_grows_with_short_tasks(
     start: Callable[..., tuple[FakeMaster, Running]],
 ) -> None:
-    fake, run = start(slots=2, claim_ahead=6)
+    fake, run = start(slots=2, claim_ahead=6, claim_ahead_short_s=5.0)
     fake.add("true")
     fake.wait_for(lambda: len(fake.completions) == 1)
     assert fake.claims[0].max_tasks == 2  # no window before the agent has seen a task
@@ -383,18 +385,19 @@ def test_claim_ahead_window_shrinks_to_zero_with_long_tasks(
 ) -> None:
     fake = FakeMaster(2)
     fake.requeue_released = True
-    fake, run = start(slots=2, master=fake, claim_ahead=6, claim_ahead_short_s=0.2)
+    # short means under 1 s (a stalled `true` stays short), long is 1.5 s
+    fake, run = start(slots=2, master=fake, claim_ahead=6, claim_ahead_short_s=1.0)
     for _ in range(10):
         fake.add("true")
     fake.wait_for(lambda: len(fake.completions) == 10)
     assert run.agent.talkback_status()["window"] > 0
     for _ in range(8):
-        fake.add("sleep 0.5")
+        fake.add("sleep 1.5")
     # The offers claimed ahead behind two long tasks go back once the window closes.
     fake.wait_for(lambda: len(fake.released) > 0)
     assert run.agent.talkback_status()["window"] == 0
     n_claims = len(fake.claims)
-    fake.wait_for(lambda: len(fake.completions) == 18, timeout=20)
+    fake.wait_for(lambda: len(fake.completions) == 18, timeout=40)
     run.stop()
     assert {c.error for c in fake.released} == {"claim-ahead window closed (tasks are long)"}
     assert all(req.max_tasks <= 2 for req in fake.claims[n_claims:])  # no more hoarding
@@ -412,7 +415,7 @@ def test_claim_ahead_offers_handed_back_on_stop(
     for _ in range(3):
         fake.add("true")
     fake.wait_for(lambda: len(fake.completions) == 3)
-    fake.add("sleep 0.8")
+    fake.add("sleep 3")  # still running at the stop below, with offers waiting behind it
     for _ in range(10):
         fake.add("true")
     fake.wait_for(lambda: run.agent.talkback_status()["ready"] > 0)
@@ -517,11 +520,13 @@ def test_stale_log_kills_attempt(start: Callable[..., tuple[FakeMaster, Running]
     run.stop()
 
 
-def test_drain_lets_running_task_finish(start: Callable[..., tuple[FakeMaster, Running]]) -> None:
+def test_drain_lets_running_task_finish(
+    tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]]
+) -> None:
     fake, run = start(slots=1)
-    fake.add("sleep 0.6; echo done > result")
-    fake.wait_for(lambda: bool(fake.outstanding))
-    time.sleep(0.1)
+    began = tmp_path / "began"
+    fake.add(f"touch {began}; sleep 0.6; echo done > result")
+    fake.wait_for(began.exists)  # running: an offer no slot has taken is handed back
     assert run.stop() == 0
     (c,) = fake.completions.values()
     assert (c.outcome, c.exit_code) == ("exited", 0)
@@ -576,7 +581,7 @@ def test_requires_downloaded_via_client(start: Callable[..., tuple[FakeMaster, R
     fake.add("cat in/put > copy", requires=[RequiredFile(path="in/put", digest=digest)])
     fake.add(["sh", "-c", "exit 4"])
     fake.add("no-such-program-q")
-    fake, run = start(slots=1, master=fake)
+    fake, run = start(slots=1, master=fake, claim_ahead_short_s=5.0)
     fake.wait_for(lambda: len(fake.completions) == 3)
     run.stop()
     cs = sorted(fake.completions.values(), key=lambda c: c.attempt_id)
@@ -653,10 +658,12 @@ def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
     tmp_path: Path, start: Callable[..., tuple[FakeMaster, Running]], inline: bool
 ) -> None:
     fake, run = start(slots=1, delivery_timeout_s=0.3, inline_outputs=inline)
-    fake.add("sleep 0.3; echo result > out.txt")
+    gate = tmp_path / "gate"
+    fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done; echo result > out.txt")
     fake.wait_for(lambda: bool(fake.outstanding))
     with fake.lock:
         fake.down = True  # the master goes away while the task runs
+    gate.touch()
     state = tmp_path / "state"
     fake.wait_for(lambda: _journal_files(state) != [], timeout=10)
     assert run.stop() == 0
@@ -741,13 +748,13 @@ def test_long_task_is_journaled_before_its_first_delivery(
         return real_claim(agent_id, req)
 
     fake.claim = claim  # type: ignore[method-assign]
-    fake.add("sleep 0.2")
-    fake.add("true")
-    fake, run = start(slots=1, master=fake, journal_min_s=0.15)
+    fake.add("sleep 1.2")
+    fake.add("true")  # a stalled `true` stays under journal_min_s
+    fake, run = start(slots=1, master=fake, journal_min_s=1.0)
     fake.wait_for(lambda: len(fake.completions) == 2)
     run.stop()
     first, _second = sorted(fake.completions)
-    assert seen[0] == [f"a{first}.json"]  # 0.2 s ≥ journal_min_s: journaled first
+    assert seen[0] == [f"a{first}.json"]  # 1.2 s ≥ journal_min_s: journaled first
     assert seen[1] == []  # a short task is not
     assert _journal_files(state) == []
 

@@ -111,8 +111,9 @@ def test_stuck_is_killed_as_a_command_failure(executor: Executor) -> None:
 
 
 def test_steady_output_is_not_stuck(executor: Executor) -> None:
-    code = "import time\nfor i in range(8):\n    print(i, flush=True); time.sleep(0.2)\n"
-    _, res = executor.run(_spec(8, code, stuck_timeout_s=0.6))
+    # 4 s of output every 0.2 s outlasts the 1.5 s limit (which leaves room for start-up)
+    code = "import time\nfor i in range(20):\n    print(i, flush=True); time.sleep(0.2)\n"
+    _, res = executor.run(_spec(8, code, stuck_timeout_s=1.5))
     assert res.outcome == "exited" and res.exit_code == 0
 
 

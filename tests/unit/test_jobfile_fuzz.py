@@ -274,4 +274,4 @@ def test_locating_a_key_is_linear_in_the_line() -> None:
         text += '[[stage]]\nname = "s"\n[[stage.task]]\ncommand = "x"\ncpus = -1\n'
         started = time.perf_counter()
         toml_or_error(text)
-        assert time.perf_counter() - started < 2, line[:10]
+        assert time.perf_counter() - started < 10, line[:10]  # quadratic took hours

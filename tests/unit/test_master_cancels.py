@@ -53,11 +53,11 @@ def item(attempt_id: int, url: str | None, token: str | None = TOKEN) -> Cancell
 
 
 async def _drain(sender: CancelSender) -> None:
-    for _ in range(200):
+    for _ in range(1000):
         await asyncio.sleep(0.01)
         if not sender._tasks:
             return
-    raise AssertionError("cancels still in flight after 2s")
+    raise AssertionError("cancels still in flight after 10s")
 
 
 def test_sender_posts_cancels_and_counts_what_it_could_not_send() -> None:
@@ -68,7 +68,7 @@ def test_sender_posts_cancels_and_counts_what_it_could_not_send() -> None:
     try:
 
         async def scenario() -> CancelSender:
-            sender = CancelSender(CancelConfig(timeout_s=1.0))
+            sender = CancelSender(CancelConfig(timeout_s=5.0))
             sender.submit([item(1, url)])  # not bound to a loop yet: left to heartbeats
             assert sender.skipped == 1
             sender.bind(asyncio.get_running_loop())
@@ -90,7 +90,7 @@ def test_sender_posts_cancels_and_counts_what_it_could_not_send() -> None:
 
         t0 = time.monotonic()
         sender = asyncio.run(scenario())
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 20  # bounded (a stuck POST would hang it)
     finally:
         server.stop()
     assert sorted(agent.cancelled) == [

@@ -151,10 +151,13 @@ def test_wake_claims_at_once_and_never_overruns_slots(tmp_path: Path) -> None:
     fake = DeafMaster(1)
     agent = Agent(make_config(tmp_path, slots=1, poll_wait_s=30.0, talkback=None), client=fake)
     run = Running(agent)
+    gate = tmp_path / "gate"  # the first task holds the only slot until the test opens it
     try:
         fake.wait_for(lambda: fake.parked == 1)
         assert agent.wake() == "poller" or agent.talkback_status()["parked"]
-        fake.add("sleep 0.6")
+        # that wake's own claim (of an empty queue) must be over before the next wake
+        fake.wait_for(lambda: not any(t.name == "herder-wake" for t in threading.enumerate()))
+        fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done")
         t0 = time.monotonic()
         assert agent.wake() == "claiming"
         fake.wait_for(lambda: len(fake.outstanding) == 1, timeout=5)
@@ -165,8 +168,10 @@ def test_wake_claims_at_once_and_never_overruns_slots(tmp_path: Path) -> None:
         fake.wait_for(lambda: any(c.outcome == "released" for c in fake.completions.values()))
         st = agent.talkback_status()
         assert st["busy"] + st["reserved"] <= 1
+        gate.touch()
         fake.wait_for(lambda: any(c.outcome == "exited" for c in fake.completions.values()))
     finally:
+        gate.touch()
         run.stop()
     outcomes = sorted(c.outcome for c in fake.completions.values())
     assert outcomes == ["exited", "released"]
@@ -177,12 +182,14 @@ def test_wake_when_full_does_nothing(tmp_path: Path) -> None:
     fake = FakeMaster(1)
     agent = Agent(make_config(tmp_path, slots=1, talkback=None), client=fake)
     run = Running(agent)
+    gate = tmp_path / "gate"
     try:
-        fake.add("sleep 0.5")
-        fake.wait_for(lambda: len(fake.outstanding) == 1)
-        time.sleep(0.05)
+        fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+        # booked by the agent, not merely handed out by the master
+        fake.wait_for(lambda: agent.busy == 1 and agent.reserved == 0)
         assert agent.wake() in ("busy", "delivering")
     finally:
+        gate.touch()
         run.stop()
     assert fake.violations == []
 
@@ -208,7 +215,7 @@ def test_waker_counts_unreachable_agents_and_debounces() -> None:
             return True
 
         waker = Waker(
-            WakeConfig(timeout_s=0.3, min_interval_s=0.2),
+            WakeConfig(timeout_s=0.3, min_interval_s=1.0),
             stats,
             targets,
             has_work,
@@ -222,7 +229,7 @@ def test_waker_counts_unreachable_agents_and_debounces() -> None:
             waker.poke()
         await asyncio.sleep(0.05)
         assert rounds == 1  # debounced: at most one round per min_interval_s
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.0)
         await waker.close()
         assert rounds == 2  # one trailing round for the coalesced pokes
         return stats

@@ -163,7 +163,7 @@ def test_a_silent_client_does_not_stall_the_listener(
         t0 = time.monotonic()
         with httpx.Client(verify=client_context(farm / "ca.crt"), timeout=5) as http:
             assert http.get(f"{tls_server}/y").status_code == 200
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 4.5  # a stalled listener waits out 10 s handshakes
     finally:
         for s in silent:
             s.close()

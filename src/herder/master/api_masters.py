@@ -40,6 +40,11 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         text = stats.prometheus()
+        text += (
+            "# HELP herder_parked_claims Agents' claims long-polling here for work.\n"
+            "# TYPE herder_parked_claims gauge\n"
+            f"herder_parked_claims {ctx.service.parked_claims()}\n"
+        )
         queue = getattr(ctx.state, "admission", None)
         if queue is not None:  # the admission queue (herder.master.admission)
             text += admission_metrics(queue)

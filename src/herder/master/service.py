@@ -246,6 +246,11 @@ class MasterService:
             others = len(self.parked) - (agent_id in self.parked)
         return -(-max_tasks // (others + 1)) if others > 0 else max_tasks
 
+    def parked_claims(self) -> int:
+        """How many claims are parked here now (a gauge in ``/metrics``)."""
+        with self._parked_lock:
+            return sum(self.parked.values())
+
     @contextlib.contextmanager
     def parking(self, agent_id: str) -> Iterator[None]:
         """Count a claim of ``agent_id`` as parked here while it waits (``parked``)."""
