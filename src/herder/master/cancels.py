@@ -34,7 +34,8 @@ CANCEL_PATH = "/talkback/cancel"
 @dataclass
 class CancelConfig:
     enabled: bool = True
-    timeout_s: float = 0.5  # per POST: connect + answer
+    # per POST: connect (a TLS handshake with a loaded agent can take a second) + answer
+    timeout_s: float = 2.0
     max_in_flight: int = 50  # POSTs at once, over every batch
     max_pending: int = 10_000  # cancels queued beyond that are left to the heartbeats
     # https:// talkback endpoints are verified with this (herder.tlsconf.client_verify):
