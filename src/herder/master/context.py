@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -170,6 +171,7 @@ class ApiContext:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call = _GuardedCall(functools.partial(fn, *args, **kwargs))
+        started = time.monotonic()
         timeout = self.cfg.db_timeout_s
         try:
             with anyio.move_on_after(timeout) as scope:
@@ -177,7 +179,9 @@ class ApiContext:
             if scope.cancelled_caught:
                 loop = asyncio.get_running_loop()
                 if call.guard.abandon():
-                    call.outcome(loop).add_done_callback(self._abandoned_outcome)
+                    call.outcome(loop).add_done_callback(
+                        functools.partial(self._abandoned_outcome, started)
+                    )
                     raise self._timed_out(timeout)
                 try:  # sending its COMMIT: the outcome is worth waiting for
                     value, error = await asyncio.wait_for(call.outcome(loop), timeout)
@@ -190,7 +194,7 @@ class ApiContext:
                     raise error
                 result = value
         except DatabaseError as exc:
-            self.stats.health.failed(exc)
+            self.stats.health.failed(exc, started)
             raise
         self.stats.health.succeeded(wrote=call.guard.commits > 0)
         return result
@@ -203,11 +207,13 @@ class ApiContext:
             )
         return DatabaseBusy(f"database busy: no answer within {timeout:g} s")
 
-    def _abandoned_outcome(self, fut: asyncio.Future[tuple[Any, BaseException | None]]) -> None:
+    def _abandoned_outcome(
+        self, started: float, fut: asyncio.Future[tuple[Any, BaseException | None]]
+    ) -> None:
         """A call answered as busy finished later: its failure still tells the health."""
         _, error = fut.result()
         if isinstance(error, DatabaseError):
-            self.stats.health.failed(error)
+            self.stats.health.failed(error, started)
         elif error is None:
             self.stats.health.succeeded(wrote=False)
 

@@ -33,14 +33,22 @@ class DatabaseHealth:
     message: str = ""
     since: float = 0.0  # time.time() the problem started
     failures: int = 0  # requests and rounds the database failed since the start
+    # time.monotonic() the database last came back: calls that started before
+    # then (stuck through the outage) fail late, and that is not a new outage
+    back_at: float = -1.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def up(self) -> bool:
         return self.problem is None
 
-    def failed(self, exc: DatabaseError) -> None:
-        """A store call failed with ``exc``: log it when it starts an outage."""
+    def failed(self, exc: DatabaseError, started: float | None = None) -> None:
+        """A store call failed with ``exc``: log it when it starts an outage.
+
+        ``started`` is when the call began (``time.monotonic()``): one that began
+        before the database last came back is a straggler of the outage that is
+        over (counted, but it does not open another).
+        """
         if isinstance(exc, DatabaseUnavailable):
             problem = "unavailable"
         elif isinstance(exc, DatabaseFull):
@@ -52,6 +60,8 @@ class DatabaseHealth:
         with self._lock:
             self.failures += 1
             if self.problem == problem:
+                return
+            if started is not None and started < self.back_at:
                 return
             self.problem, self.message, self.since = problem, exc.message, time.time()
         log.warning("event=database_lost problem=%s error=%r", problem, exc.message)
@@ -68,6 +78,7 @@ class DatabaseHealth:
                 return
             problem, down_s = self.problem, time.time() - self.since
             self.problem, self.message = None, ""
+            self.back_at = time.monotonic()
         log.warning("event=database_back problem=%s down_s=%.1f", problem, down_s)
 
 
