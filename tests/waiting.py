@@ -1,12 +1,17 @@
-"""Helpers the integration tests share: waiting for a condition, and one port
-free on several loopback addresses (several "hosts" on one machine)."""
+"""Helpers the tests share: waiting for a condition (or an agent's registration),
+holding a task until the test lets it go, reading a master's ``/metrics``, and
+one port free on several loopback addresses (several "hosts" on one machine)."""
 
 from __future__ import annotations
 
+import shlex
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from herder.localfarm import LocalFarm, Proc, free_port
 
@@ -40,6 +45,21 @@ def wait_registered(farm: LocalFarm, agent: Proc, count: int = 1) -> None:
     """
     farm.wait_agents(count)
     wait_for(lambda: "event=registered" in agent.log_text(), 20, "registered", agent.log_text)
+
+
+def until_file(path: Path) -> str:
+    """A shell command that returns once ``path`` exists: a task holds at it until
+    the test creates the file (a fixed sleep could end before the test acts)."""
+    return f"while [ ! -e {shlex.quote(str(path))} ]; do sleep 0.05; done"
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in a master's ``/metrics``."""
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name} in {url}/metrics")
 
 
 def timed_wait(pred: Callable[[], bool], timeout: float, what: str) -> float:

@@ -22,7 +22,7 @@ import pytest
 
 from herder import Client
 from herder.localfarm import LocalFarm
-from waiting import wait_for
+from waiting import until_file, wait_for
 
 HERDER = str(Path(sys.executable).parent / "herder")
 
@@ -75,8 +75,7 @@ def test_dependent_job_runs_after_its_parent_through_the_cli(
     work.mkdir()
     go = tmp_path / "go"  # the parent runs until the test lets it finish
     (work / "parent.toml").write_text(
-        'name = "parent"\n[[stage]]\nname = "s"\n[[stage.task]]\n'
-        f'command = "while [ ! -e {go} ]; do sleep 0.05; done"\n'
+        f'name = "parent"\n[[stage]]\nname = "s"\n[[stage.task]]\ncommand = "{until_file(go)}"\n'
     )
     (work / "child.toml").write_text(
         'name = "child"\n[[stage]]\nname = "s"\n[[stage.task]]\ncommand = "echo child"\n'

@@ -10,7 +10,6 @@ for a server (nobody is left to answer): it must not show up as a crash.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from pathlib import Path
@@ -20,13 +19,11 @@ import pytest
 from chaoslib import sha
 
 from herder.localfarm import LocalFarm
+from waiting import metric
 
 
 def unhandled(url: str) -> int:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    m = re.search(r"^herder_unhandled_exceptions_total (\d+)", text, re.M)
-    assert m, text
-    return int(m.group(1))
+    return int(metric(url, "herder_unhandled_exceptions_total"))
 
 
 @pytest.mark.timeout(60)

@@ -44,6 +44,7 @@ from test_kill_storm import (
 
 from conftest import MakeFarm
 from herder.client import HerderClient
+from waiting import until_file
 
 MASTER_KILLS = 5
 HERDER = Path(sys.executable).parent / "herder"  # the console script a user runs
@@ -262,14 +263,16 @@ def test_submit_wait_and_logs_follow_ride_a_master_restart(
     # The tasks finish only once the master is back: the job must still run
     # at the kill, however long the clients took to start following it.
     gate = tmp_path / "gate"
-    wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"
     spec = {
         "name": "ride",
         "stages": [
             {
                 "name": "s",
                 "tasks": [
-                    {"name": f"t{i}", "command": f"echo start-{i}; {wait_gate}; echo done-{i}"}
+                    {
+                        "name": f"t{i}",
+                        "command": f"echo start-{i}; {until_file(gate)}; echo done-{i}",
+                    }
                     for i in range(4)
                 ],
             }

@@ -45,6 +45,7 @@ from faultproxy import FaultProxy
 from herder.api_models import JobSubmit, JobView
 from herder.client import ApiError, HerderClient
 from herder.localfarm import LocalFarm
+from waiting import metric
 
 DB_TIMEOUT_S = "3"  # HERDER_DB_TIMEOUT_S of the masters: how long a request waits for the DB
 OUTAGE_S = 30.0  # the figure
@@ -161,14 +162,6 @@ def assert_clean_logs(cf: ChaosFarm, lost_max: int) -> str:
     )
     assert "event=unhandled_exception" not in log
     return log
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def check_finished_job(client: HerderClient, job_id: int) -> None:

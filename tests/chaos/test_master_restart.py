@@ -38,6 +38,7 @@ from invariants import assert_no_violations, check_job, check_outputs
 from conftest import MakeFarm
 from herder.api_models import AgentRegister, ClaimRequest, Completion, JobSubmit, OutputFile
 from herder.client import HerderClient, StaleAttemptError
+from waiting import until_file
 
 N_TASKS = 8
 # Long enough that a loaded machine kills the master before the fake's offers
@@ -76,8 +77,7 @@ def test_master_restart_requeues_offers_and_expired_leases_on_start(
                                 # Held until after the kill (R's tasks must still run
                                 # then), fast after the restart (the re-runs).
                                 "command": (
-                                    f"while [ ! -e {fast} ]; do sleep 0.05; done && "
-                                    f"tr a-z A-Z < in/{i}.txt > out{i}.txt"
+                                    f"{until_file(fast)} && tr a-z A-Z < in/{i}.txt > out{i}.txt"
                                 ),
                                 "requires": [{"path": f"in/{i}.txt", "digest": sha(inputs[i])}],
                             }

@@ -27,7 +27,7 @@ from herder.core.acl import PoolForbidden
 from herder.store import Store
 from storekit import job as store_job
 from storekit import make_store, ok, tasks
-from waiting import wait_for
+from waiting import until_file, wait_for
 
 REASON = "pool render: owner bob not allowed"
 
@@ -223,7 +223,7 @@ def test_acl_rejected_task_never_reaches_a_running_agent(db_url: str, tmp_path: 
         # The agent's one slot is busy with alice's task while bob's job is queued:
         # the task holds it until the test lets it go, however slow the machine.
         release = tmp_path / "release"
-        hold = f"while [ ! -e {release} ]; do sleep 0.05; done"
+        hold = until_file(release)
         busy = c.post(f"{f.api}/jobs", json=job("busy", "alice", "render", [hold])).json()
         wait_for(
             lambda: c.get(f"{f.api}/jobs/{busy['id']}").json()["state"] == "running",

@@ -18,10 +18,11 @@ import pytest
 from herder.api_models import JobSubmit, JobView, TaskView
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm
+from waiting import until_file
 
 # The task runs until the test opens its gate, after the master is killed: its
 # completion always meets a dead master (a fixed sleep could end before the kill).
-COMMAND = "while [ ! -e {gate} ]; do sleep 0.05; done; echo attempt-$HERDER_ATTEMPT_ID > out.txt"
+COMMAND = "{hold}; echo attempt-$HERDER_ATTEMPT_ID > out.txt"
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -39,7 +40,7 @@ def _journal(state: Path) -> list[str]:
 
 
 def _job(c: HerderClient, gate: Path) -> JobView:
-    command = COMMAND.format(gate=gate)
+    command = COMMAND.format(hold=until_file(gate))
     spec = JobSubmit.model_validate(
         {"name": "j", "stages": [{"name": "s", "tasks": [{"command": command}]}]}
     )

@@ -44,7 +44,6 @@ def test_no_server_errors_and_only_documented_statuses(fuzz_master: LocalFarm) -
 
         @settings(
             max_examples=8,
-            deadline=None,
             phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
             database=None,

@@ -13,7 +13,6 @@ through its in-process agent.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from herder.api_models import AgentRegister, JobSubmit, JobView
 from herder.client import HerderClient
 from herder.localfarm import LocalFarm, Proc, free_port
 from herder.store import Store
-from waiting import wait_for
+from waiting import metric, wait_for
 
 TOKEN = "job-stop-talkback-token-0123456789"
 TABLES = ("jobs", "tasks", "attempts", "events", "log_chunks")
@@ -97,15 +96,12 @@ def start_farm(farm: LocalFarm, agents: int, *extra: str) -> list[Proc]:
     # (talkback), its two claims get offers for twice its slots, and what it
     # hands back ("released") waits behind the sleepers.
     wait_for(
-        lambda: parked_claims(farm.url) == agents, 30, "every agent parked", lambda: logs(farm)
+        lambda: metric(farm.url, "herder_parked_claims") == agents,
+        30,
+        "every agent parked",
+        lambda: logs(farm),
     )
     return procs
-
-
-def parked_claims(url: str) -> int:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    (value,) = re.findall(r"^herder_parked_claims (\d+)$", text, re.M)
-    return int(value)
 
 
 def logs(farm: LocalFarm) -> str:

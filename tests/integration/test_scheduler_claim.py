@@ -159,7 +159,6 @@ def farm(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(
     max_examples=40,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=farm())

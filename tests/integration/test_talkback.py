@@ -21,6 +21,7 @@ from herder.store import Store
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import pg
+from waiting import metric
 
 TOKEN = "talkback-test-token-0123456789"
 
@@ -57,13 +58,6 @@ def _pickup_s(job: JobView) -> float:
     att = job.stages[0].tasks[0].attempts[0]
     assert att.offered_at is not None
     return (att.offered_at - job.created_at).total_seconds()
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 # ------------------------------------------------------------ one master
@@ -183,8 +177,8 @@ def test_wake_from_another_master_cuts_pickup_latency(
     assert max(pickups) < 1.5, pickups
     # Most pickups came through a wake. Not every one needs it: a claim the
     # agent had in flight on A when B queued the job takes it directly.
-    assert _metric(b.url, "herder_wakes_sent_total") >= 4
-    assert _metric(b.url, "herder_wake_failures_total") == 0
+    assert metric(b.url, "herder_wakes_sent_total") >= 4
+    assert metric(b.url, "herder_wake_failures_total") == 0
 
 
 @pytest.mark.postgres
@@ -215,7 +209,7 @@ def test_unreachable_talkback_costs_only_latency(
     assert max(pickups) < 3.0
     # B tried the dead endpoint (it wakes agents it sees idle; on a loaded
     # machine the agent may not have parked again before every submit).
-    assert _metric(b.url, "herder_wake_failures_total") >= 1
+    assert metric(b.url, "herder_wake_failures_total") >= 1
 
 
 def test_wake_targets_and_token_never_in_views(db_url: str) -> None:

@@ -32,6 +32,7 @@ from herder.api_models import (
     decode_inline,
 )
 from herder.client import NoMasterAvailable, StaleAttemptError
+from waiting import until_file
 
 
 class _HeartbeatResponse(HeartbeatResponse):
@@ -659,7 +660,7 @@ def test_undelivered_completion_is_journaled_and_a_new_agent_delivers_it_once(
 ) -> None:
     fake, run = start(slots=1, delivery_timeout_s=0.3, inline_outputs=inline)
     gate = tmp_path / "gate"
-    fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done; echo result > out.txt")
+    fake.add(f"{until_file(gate)}; echo result > out.txt")
     fake.wait_for(lambda: bool(fake.outstanding))
     with fake.lock:
         fake.down = True  # the master goes away while the task runs

@@ -39,7 +39,7 @@ from herder.client.wire import (
     split_masters,
 )
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 
 # Any JSON value, with the awkward ones a decoder meets: huge and negative
 # integers, NaN-free floats, lone surrogates and NULs in strings.

@@ -47,9 +47,8 @@ def dns() -> Iterator[DnsServer]:
 
 
 def disc(dns: DnsServer, **kw: object) -> MasterDiscovery:
-    kw.setdefault(
-        "directory", False
-    )  # the default dns_timeout (2 s): a loaded machine answers late
+    # dns_timeout stays the default (2 s): a loaded machine answers late
+    kw.setdefault("directory", False)
     return MasterDiscovery(dns_name=NAME, resolver=dns.address, **kw)  # type: ignore[arg-type]
 
 

@@ -541,7 +541,7 @@ _TOML_LINES = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.lists(st.sampled_from(_TOML_LINES), max_size=15))
 def test_fuzz_only_jobfile_errors(lines: list[str]) -> None:
     try:

@@ -28,7 +28,6 @@ from herder.tomllocate import locate_keys
 
 FUZZ = settings(
     max_examples=int(os.environ.get("HERDER_FUZZ_EXAMPLES", "300")),
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 LOCATED = re.compile(r"^(?P<path>job\.(?:toml|json)):(?P<line>\d+):(?P<col>\d+): .+$")

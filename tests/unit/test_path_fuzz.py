@@ -59,7 +59,7 @@ paths = st.one_of(
     st.lists(st.sampled_from(PIECES), max_size=8).map(lambda p: "/" + "/".join(p)),
 )
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 
 
 def inside(root_real: str, path: str) -> bool:

@@ -25,7 +25,6 @@ from herder.rakefile import (
 # HERDER_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the suite fast.
 FUZZ = settings(
     max_examples=int(os.environ.get("HERDER_FUZZ_EXAMPLES", "300")),
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 

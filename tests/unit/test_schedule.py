@@ -135,7 +135,7 @@ shares_st = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(candidates(), agents(), shares_st, st.integers(0, 8))
 def test_schedule_equals_the_slow_reference(
     cands: list[Candidate], agent: AgentSnapshot, shares: Shares, n: int
@@ -143,7 +143,7 @@ def test_schedule_equals_the_slow_reference(
     assert schedule(cands, agent, shares, n) == reference(cands, agent, shares, n)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(candidates(), agents(), shares_st, st.integers(0, 8))
 def test_schedule_invariants(
     cands: list[Candidate], agent: AgentSnapshot, shares: Shares, n: int

@@ -20,6 +20,7 @@ from herder.api_models import ClaimRequest, ClaimResponse
 from herder.master.metrics import MasterStats
 from herder.master.wake import WakeConfig, Waker
 from herder.store.store import WakeTarget
+from waiting import until_file
 
 TOKEN = "t" * 32
 
@@ -157,7 +158,7 @@ def test_wake_claims_at_once_and_never_overruns_slots(tmp_path: Path) -> None:
         assert agent.wake() == "poller" or agent.talkback_status()["parked"]
         # that wake's own claim (of an empty queue) must be over before the next wake
         fake.wait_for(lambda: not any(t.name == "herder-wake" for t in threading.enumerate()))
-        fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+        fake.add(until_file(gate))
         t0 = time.monotonic()
         assert agent.wake() == "claiming"
         fake.wait_for(lambda: len(fake.outstanding) == 1, timeout=5)
@@ -184,7 +185,7 @@ def test_wake_when_full_does_nothing(tmp_path: Path) -> None:
     run = Running(agent)
     gate = tmp_path / "gate"
     try:
-        fake.add(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+        fake.add(until_file(gate))
         # booked by the agent, not merely handed out by the master
         fake.wait_for(lambda: agent.busy == 1 and agent.reserved == 0)
         assert agent.wake() in ("busy", "delivering")
